@@ -1,0 +1,80 @@
+"""GenRecal's losses and the next-token boundary (METHOD.md, decision 4).
+
+Teacher sequence: question at 0..Lq_l-1, answer a_0..a_{La-1} at Lq_l..Lq_l+La-1.
+  teacher targets   = teacher logits at Lq_l-1 .. Lq_l+La-2 (they predict a_0..a_{La-1}); labels = a_0..a_{La-1}
+  Recalibrator input = [z_q (Lq), ProjPre(z_l at Lq_l .. Lq_l+La-2)]            (length Lq + La - 1)
+  predictions        = Recalibrator output at Lq-1 .. Lq+La-2                   (the last question position -> a_0)
+The main path uses the student's question (Lq = Lq_s); the regularization path the teacher's (Lq = Lq_l).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def answer_rows(x: torch.Tensor, q_lens: torch.Tensor, a_lens: torch.Tensor, shift: int = -1) -> torch.Tensor:
+    """Rows Lq+shift .. Lq+La-1+shift of each sample, flattened: (sum La, ...). shift=-1: predicting rows."""
+    return torch.cat([x[b, q + shift: q + a + shift] for b, (q, a) in enumerate(zip(q_lens.tolist(), a_lens.tolist()))])
+
+
+@dataclass
+class TeacherOut:
+    """Everything the losses need from the frozen teacher (computed once per batch; cacheable)."""
+
+    z_q: list[torch.Tensor]  # per sample (Lq_l, d_l): question features, the regularization path's input
+    z_a: list[torch.Tensor]  # per sample (La-1, d_l): answer features a_0..a_{La-2}, the Recalibrator's answer input
+    z_pred: torch.Tensor  # (N, d_l): features at Lq_l-1..Lq_l+La-2; head(z_pred) = the teacher's target logits
+    labels: torch.Tensor  # (N,): a_0..a_{La-1} in the teacher's vocabulary
+    a_lens: torch.Tensor  # (B,): La per sample
+
+    @property
+    def q_lens(self) -> torch.Tensor:
+        return torch.tensor([len(q) for q in self.z_q], device=self.labels.device)
+
+    def to(self, device, dtype=None) -> "TeacherOut":
+        mv = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
+        return TeacherOut([mv(q) for q in self.z_q], [mv(a) for a in self.z_a], mv(self.z_pred), mv(self.labels),
+                          mv(self.a_lens))
+
+
+def split_teacher(z: torch.Tensor, input_ids: torch.Tensor, q_lens: torch.Tensor, a_lens: torch.Tensor,
+                  z_answer_input: torch.Tensor | None = None) -> TeacherOut:
+    """Cut teacher features (B, T, d_l) into the TeacherOut spans. `z_answer_input` replaces the answer input."""
+    src = z if z_answer_input is None else z_answer_input
+    qs, as_ = q_lens.tolist(), a_lens.tolist()
+    return TeacherOut(z_q=[z[b, :q] for b, q in enumerate(qs)],
+                      z_a=[src[b, q: q + a - 1] for b, (q, a) in enumerate(zip(qs, as_))],
+                      z_pred=answer_rows(z, q_lens, a_lens, shift=-1),
+                      labels=answer_rows(input_ids, q_lens, a_lens, shift=0), a_lens=a_lens)
+
+
+def kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Forward KL(p_teacher || p_student) at temperature tau, scaled by tau^2, averaged over rows."""
+    log_p_t = F.log_softmax(teacher_logits.float() / tau, -1)
+    log_p_s = F.log_softmax(student_logits.float() / tau, -1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * tau ** 2
+
+
+def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: nn.Linear, tau: float = 1.0,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and
+    the teacher's own logits head(z_t). With `chunk_size`, (N x V_l) logits never exist at full size."""
+    if chunk_size is not None and chunk_size < h.shape[0]:
+        from .chunked import chunked_head_losses
+        return chunked_head_losses(h, z_t, labels, head.weight, head.bias, tau, chunk_size)
+    logits = head(h).float()  # (N, V_l)
+    with torch.no_grad():
+        t_logits = head(z_t.to(h.dtype)).float()  # (N, V_l)
+    return F.cross_entropy(logits, labels), kl_from_logits(logits, t_logits, tau)
+
+
+def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear, tau: float,
+               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Recalibrator path: [z_q, ProjPre(teacher answer)] -> rows at Lq-1..Lq+La-2 -> (CE, KL)."""
+    out = recal(z_q, t.z_a)  # (B, T, d_l)
+    q_lens = torch.tensor([len(q) for q in z_q])
+    h = answer_rows(out, q_lens, t.a_lens.cpu())  # (N, d_l)
+    return head_losses(h, t.z_pred, t.labels, head, tau, chunk_size)

@@ -1,0 +1,92 @@
+"""The whole GenRecal pipeline on a pair: load, render, stages 1-3, evaluate."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from .config import Preset
+from .data import Sample, make_split
+from .evaluate import exact_match
+from .recalibrator import Recalibrator
+from .stages import PairData, StageConfig, train_stage
+from .vlm import Encoded, SampleError, VLMView
+
+
+def load_pair(preset: Preset, student_seed: int = 0) -> tuple[VLMView, VLMView]:
+    """(teacher view, student view). `tiny` is offline; other presets load hub ids (network, real weights)."""
+    if preset.teacher == "tiny":
+        from .tiny import build_student, load_teacher
+        t_model, t_proc = load_teacher()
+        s_model, s_proc = build_student(student_seed)
+    else:  # real pair: the only place that touches the hub
+        from .hub import load_hub_vlm
+        t_model, t_proc = load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
+        s_model, s_proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code)
+    t_model.requires_grad_(False)
+    return (VLMView(t_model, t_proc, preset.max_length, name="teacher"),
+            VLMView(s_model, s_proc, preset.max_length, name="student"))
+
+
+def encode_all(view: VLMView, samples: list[Sample], skip_bad: bool = False) -> tuple[list[Encoded], list[str]]:
+    """Render every sample; with skip_bad, bad samples are skipped and their errors returned (never silently)."""
+    encs, skipped = [], []
+    for s in samples:
+        try:
+            encs.append(view.encode(s))
+        except SampleError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+    return encs, skipped
+
+
+def encode_pairs(teacher: VLMView, student: VLMView, samples: list[Sample]) -> PairData:
+    return PairData([student.encode(s) for s in samples], [teacher.encode(s) for s in samples])
+
+
+def run_genrecal(teacher: VLMView, student: VLMView, train: list[Sample], stages: dict[int, StageConfig],
+                 depth: int = 2, answer_input: str = "features", until: int = 3, progress: bool = True,
+                 seed: int = 0, callback=None) -> dict:
+    """Stages 1..`until`; returns the Recalibrator and per-stage histories. The student is trained in place."""
+    data = encode_pairs(teacher, student, train)
+    torch.manual_seed(seed)
+    recal = Recalibrator(teacher.d, student.text_config, depth)
+    histories = {}
+    for stage in range(1, until + 1):
+        t0 = time.time()
+        histories[stage] = train_stage(stage, student, data, stages[stage], teacher=teacher, recal=recal,
+                                       progress=progress, answer_input=answer_input)
+        histories[stage][-1]["stage_seconds"] = time.time() - t0
+        if callback is not None:
+            callback(stage, student)
+    return {"recal": recal, "histories": histories}
+
+
+def run_sft(student: VLMView, train: list[Sample], cfg: StageConfig, progress: bool = True) -> list[dict]:
+    """The SFT-only baseline: the student's own CE (stage 3 alone)."""
+    return train_stage(3, student, PairData([student.encode(s) for s in train]), cfg, progress=progress)
+
+
+def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progress: bool = True, log=print) -> dict:
+    """Teacher ready -> stages 1, 2, 3 -> evaluation; saves the final student to OUT/student."""
+    from pathlib import Path
+    t_start = time.time()
+    teacher, student = load_pair(preset)
+    train = make_split(data_seed, "train", preset.n_train)
+    test = make_split(data_seed, "test", n_test)
+    res = {"teacher": exact_match(teacher, test)["accuracy"], "student_before": exact_match(student, test)["accuracy"]}
+    log(f"teacher accuracy {res['teacher']:.3f}; student before {res['student_before']:.3f}")
+    after = {}
+    run = run_genrecal(teacher, student, train, preset.stages(), preset.depth, progress=progress,
+                       callback=lambda st, _: after.__setitem__(st, exact_match(student, test)["accuracy"]))
+    for st, acc in after.items():
+        res[f"student_after_stage{st}"] = acc
+    res["student_after"] = after[3]
+    out_dir = Path(out) / "student"
+    student.model.save_pretrained(out_dir)
+    student.processor.save_pretrained(out_dir)
+    res["seconds"] = time.time() - t_start
+    res["histories"] = run["histories"]
+    return res

@@ -1,0 +1,209 @@
+"""GenRecal's three stages: the teacher's forward, each stage's loss, and one flat training loop (accelerate)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .losses import TeacherOut, recal_path, split_teacher
+from .recalibrator import Recalibrator
+from .vlm import Encoded, VLMView
+
+
+@dataclass
+class StageConfig:
+    """One set of knobs for a stage. LR decays linearly from `lr` to `lr_end` within the stage (paper: 1e-4 -> 1e-5)."""
+
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_end: float = 1e-5
+    weight_decay: float = 0.0
+    tau: float = 1.0  # KL temperature; KL is scaled by tau^2, CE never is
+    w_ce: float = 1.0  # CE through the teacher head
+    w_kl: float = 1.0  # KL to the teacher's logits
+    w_student: float = 1.0  # the student's own CE (stages 2 and 3)
+    reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2 per METHOD decision 6)
+    chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
+    seed: int = 0
+
+
+# -- which parameters train (METHOD.md decision 7) -------------------------------------------------------
+PROJECTOR_KEYS = ("multi_modal_projector", "connector", "visual.merger", "mlp1")
+VISION_KEYS = ("vision_tower", "vision_model", "visual.")
+
+
+def student_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split a VLM's parameters into vision encoder / vision projector / LLM by name."""
+    groups = {"vision": [], "projector": [], "llm": []}
+    for name, p in model.named_parameters():
+        if any(k in name for k in PROJECTOR_KEYS):
+            groups["projector"].append(p)
+        elif any(k in name for k in VISION_KEYS):
+            groups["vision"].append(p)
+        else:
+            groups["llm"].append(p)
+    return groups
+
+
+def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teacher: nn.Module | None = None) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
+    for m in (student, recal, teacher):
+        if m is not None:
+            m.requires_grad_(False)
+    g = student_groups(student)
+    params = list(recal.parameters()) if stage in (1, 2) else []
+    if stage in (2, 3):
+        params += g["llm"] + g["projector"]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+# -- the frozen teacher's forward: one function, so it can be cached --------------------------------------
+@torch.no_grad()
+def teacher_forward(teacher: VLMView, t_batch: dict, answer_input: str = "features") -> TeacherOut:
+    """Run the frozen teacher body once and cut what the losses need.
+
+    answer_input='embeddings' is our extension (not the paper's): the Recalibrator gets the teacher's answer
+    input embeddings instead of its contextualized answer features, so only the student's question sees the image.
+    """
+    z = teacher.body(t_batch)  # (B, T_l, d_l)
+    emb = teacher.embed(t_batch["input_ids"]).to(z.dtype) if answer_input == "embeddings" else None
+    return split_teacher(z, t_batch["input_ids"], t_batch["q_lens"].cpu(), t_batch["a_lens"].cpu(), emb)
+
+
+# -- the module that trains -----------------------------------------------------------------------------
+class GenRecal(nn.Module):
+    """Student + Recalibrator + the teacher's frozen head; forward returns every loss term of a stage."""
+
+    def __init__(self, student: VLMView, recal: Recalibrator | None, teacher_head: nn.Linear | None):
+        super().__init__()
+        self.student_view = student
+        self.student, self.recal, self.teacher_head = student.model, recal, teacher_head
+
+    def forward(self, stage: int, s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
+        terms = {}
+        if stage in (1, 2):
+            with torch.set_grad_enabled(stage == 2):
+                z_s = self.student_view.body(s_batch)  # (B, T_s, d_s)
+            z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]
+            terms["ce_main"], terms["kl_main"] = recal_path(self.recal, z_qs, t, self.teacher_head, cfg.tau, cfg.chunk_size)
+            if cfg.reg:
+                z_ql = [self.recal.proj_pre(q) for q in t.z_q]  # (Lq_l, d_s) each
+                terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql, t, self.teacher_head, cfg.tau, cfg.chunk_size)
+        if stage in (2, 3):
+            z_s = z_s if stage == 2 else self.student_view.body(s_batch)
+            terms["ce_student"] = self.student_view.student_ce(z_s, s_batch)
+        w = {"ce_main": cfg.w_ce, "kl_main": cfg.w_kl, "ce_reg": cfg.w_ce, "kl_reg": cfg.w_kl, "ce_student": cfg.w_student}
+        terms["loss"] = sum(w[k] * v for k, v in terms.items())
+        return terms
+
+
+def stage_loss(stage: int, student: VLMView, recal: Recalibrator | None, teacher_head: nn.Linear | None,
+               s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
+    """The loss terms of one stage on one batch (stage 1: CE+KL main and reg; 2: + student CE; 3: student CE)."""
+    return GenRecal(student, recal, teacher_head)(stage, s_batch, t, cfg)
+
+
+# -- data -----------------------------------------------------------------------------------------------
+class PairData(torch.utils.data.Dataset):
+    """Pre-rendered samples: (student Encoded, teacher Encoded or None, index)."""
+
+    def __init__(self, student_encs: list[Encoded], teacher_encs: list[Encoded] | None = None):
+        self.s, self.t = student_encs, teacher_encs
+
+    def __len__(self):
+        return len(self.s)
+
+    def __getitem__(self, i):
+        return self.s[i], (self.t[i] if self.t is not None else None), i
+
+
+def make_collate(student: VLMView, teacher: VLMView | None):
+    def collate(items):
+        s = student.collate([it[0] for it in items])
+        t = teacher.collate([it[1] for it in items]) if teacher is not None and items[0][1] is not None else None
+        return s, t, torch.tensor([it[2] for it in items])
+    return collate
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+_ACCELERATOR = None
+
+
+def get_accelerator(grad_accum: int = 1):
+    """One Accelerator per process: bf16 autocast on CUDA, fp32 on CPU; DDP tolerates frozen/unused params."""
+    global _ACCELERATOR
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                                   cpu=not torch.cuda.is_available(),
+                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    _ACCELERATOR.gradient_accumulation_steps = grad_accum
+    return _ACCELERATOR
+
+
+def _to(batch: dict | None, device):
+    return None if batch is None else {k: v.to(device) for k, v in batch.items()}
+
+
+def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, teacher: VLMView | None = None,
+                recal: Recalibrator | None = None, teacher_head: nn.Linear | None = None,
+                teacher_fn: Callable[[dict | None, torch.Tensor], TeacherOut] | None = None,
+                progress: bool = True, answer_input: str = "features") -> list[dict]:
+    """Train one stage for `cfg.steps` optimizer steps; returns a per-step history (every loss term, lr).
+
+    `teacher_fn(t_batch, idx)` gives the TeacherOut; by default the live teacher's forward. A cache passes its own.
+    """
+    acc = get_accelerator(cfg.grad_accum)
+    if stage in (1, 2):
+        teacher_head = teacher_head if teacher_head is not None else teacher.head
+        if teacher_fn is None:
+            teacher_fn = lambda tb, idx: teacher_forward(teacher, tb, answer_input)
+    params = set_trainable(stage, student.model, recal if stage in (1, 2) else None,
+                           teacher.model if teacher is not None else None)
+    if teacher_head is not None:
+        teacher_head.requires_grad_(False)
+    module = GenRecal(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    decay = lambda s: 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    g = torch.Generator().manual_seed(cfg.seed + stage)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=len(data) >= cfg.batch_size,
+                        collate_fn=make_collate(student, teacher if stage in (1, 2) else None))
+    module, opt, loader = acc.prepare(module, opt, loader)
+    if teacher is not None and stage in (1, 2):
+        teacher.model.to(acc.device)
+    history, step, it = [], 0, iter(loader)
+    bar = tqdm(total=cfg.steps, desc=f"stage {stage}", disable=not progress or not acc.is_local_main_process, leave=False)
+    module.train()
+    while step < cfg.steps:
+        for _ in range(cfg.grad_accum):
+            try:
+                s_batch, t_batch, idx = next(it)
+            except StopIteration:
+                it = iter(loader)
+                s_batch, t_batch, idx = next(it)
+            with acc.accumulate(module), acc.autocast():
+                t = teacher_fn(t_batch, idx).to(acc.device) if stage in (1, 2) else None
+                terms = module(stage, s_batch, t, cfg)
+                acc.backward(terms["loss"])
+                opt.step()
+                if acc.sync_gradients:
+                    sched.step()
+                opt.zero_grad()
+        rec = {k: v.item() for k, v in terms.items()}
+        history.append({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], **rec})
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        step += 1
+    bar.close()
+    module.eval()
+    return history
