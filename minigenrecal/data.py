@@ -36,8 +36,8 @@ def draw_scene(cells: list[tuple[str, str] | None], rng: random.Random) -> Image
             continue
         color, shape = cell
         r = rng.randint(9, 12)
-        cx = (k % 2) * half + half // 2 + rng.randint(-3, 3)
-        cy = (k // 2) * half + half // 2 + rng.randint(-3, 3)
+        cx = (k % 2) * half + half // 2 + rng.randint(-2, 2)
+        cy = (k // 2) * half + half // 2 + rng.randint(-2, 2)
         box = (cx - r, cy - r, cx + r, cy + r)
         if shape == "circle":
             d.ellipse(box, fill=COLORS[color])
@@ -127,9 +127,9 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> l
             h, g = turns[t], turns[t + 1]
             if h.get("from") != "human" or g.get("from") != "gpt":
                 raise ValueError(f"sample {sid}: turn {t} must be human then gpt, got {h.get('from')!r}, {g.get('from')!r}")
-            q = h["value"].replace("<image>\n", "").replace("\n<image>", "").strip()
-            if "<image>" in q:
+            if h["value"].count("<image>") > 1:
                 raise ValueError(f"sample {sid}: turn {t} has more <image> placeholders than the record's one image")
+            q = h["value"].replace("<image>", "").strip()
             samples.append(Sample(image=image, question=q, answer=g["value"], id=f"{sid}#{t // 2}"))
     return samples
 

@@ -5,8 +5,8 @@
 | model class    | LlavaForConditionalGeneration | Idefics3ForConditionalGeneration   |
 | tokenizer      | byte-level BPE, 384 tokens    | Unigram, 256 tokens                |
 | chat template  | ChatML (<|im_start|> ...)     | Idefics3 ("User:...<end_of_utterance>") |
-| image pipeline | CLIP, 64 px, 16-px patches    | SigLIP, 48 px, 8-px patches, pixel shuffle x2 |
-| image tokens   | 16                            | 9 (+3 wrapper tokens)              |
+| image pipeline | CLIP, 64 px, 32-px patches    | SigLIP, 48 px, 8-px patches, pixel shuffle x2 |
+| image tokens   | 4 (one per grid cell)         | 9 (+3 wrapper tokens)              |
 | hidden size    | d_l = 192                     | d_s = 96                           |
 
 The teacher is shipped as a small checkpoint in `data_samples/tiny_teacher` (made by
@@ -67,7 +67,7 @@ def teacher_processor() -> LlavaProcessor:
     tok = train_tokenizer("bpe", 384, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], CHATML,
                           eos="<|im_end|>", pad="<|endoftext|>")
     ip = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=32, vision_feature_select_strategy="default",
                           chat_template=CHATML, num_additional_image_tokens=1)
 
 
@@ -85,7 +85,7 @@ def teacher_config(tok) -> LlavaConfig:
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     vision = CLIPVisionConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=64, patch_size=16, projection_dim=96)
+                              image_size=64, patch_size=32, projection_dim=96)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
 

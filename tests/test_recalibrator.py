@@ -1,0 +1,85 @@
+"""The Recalibrator: paper parameter counts from config alone, causality, NPE, and a reference decoder."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel, Qwen2Config
+
+from minigenrecal.recalibrator import Recalibrator, count_parameters, text_dims
+
+
+def test_paper_parameter_counts_from_config_on_meta():
+    qwen2_7b = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+    internlm25_7b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                num_key_value_heads=8)
+    for cfg, paper in ((qwen2_7b, 524.8e6), (internlm25_7b, 503.3e6)):
+        n = count_parameters(8192, cfg)
+        assert abs(n - paper) / paper < 1e-3, (n, paper)
+    with torch.device("meta"):
+        r = Recalibrator(8192, qwen2_7b)
+    assert all(p.is_meta for p in r.parameters())
+    assert text_dims(qwen2_7b)["qkv_bias"] and not text_dims(internlm25_7b)["qkv_bias"]
+    assert count_parameters(8192, qwen2_7b, depth=1) < count_parameters(8192, qwen2_7b, depth=2)
+
+
+def _small():
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    return Recalibrator(48, cfg), cfg
+
+
+def test_blocks_match_a_reference_llama_decoder():
+    recal, cfg = _small()
+    cfg.num_hidden_layers = 2
+    ref = LlamaModel(cfg).eval()
+    with torch.no_grad():
+        for blk, layer in zip(recal.blocks, ref.layers):
+            a, m = layer.self_attn, layer.mlp
+            for mine, theirs in ((blk.q, a.q_proj), (blk.k, a.k_proj), (blk.v, a.v_proj), (blk.o, a.o_proj),
+                                 (blk.gate, m.gate_proj), (blk.up, m.up_proj), (blk.down, m.down_proj)):
+                mine.weight.copy_(theirs.weight)
+            blk.norm1.weight.copy_(torch.rand(32) + 0.5)
+            blk.norm2.weight.copy_(torch.rand(32) + 0.5)
+            layer.input_layernorm.weight.copy_(blk.norm1.weight)
+            layer.post_attention_layernorm.weight.copy_(blk.norm2.weight)
+    x = torch.randn(2, 7, 32)
+    pos = torch.arange(7)
+    h = x
+    for blk in recal.blocks:
+        h = blk(h, pos)
+    expected = ref(inputs_embeds=x).last_hidden_state  # = final_norm(layers(x))
+    torch.testing.assert_close(ref.norm(h), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_and_right_padding_does_not_touch_real_tokens():
+    recal, _ = _small()
+    z_q = [torch.randn(3, 32), torch.randn(5, 32)]
+    z_a = [torch.randn(4, 48), torch.randn(2, 48)]
+    out = recal(z_q, z_a)
+    assert out.shape == (2, 7, 48)
+    solo = recal(z_q[:1], z_a[:1])  # the short sample alone, no padding
+    torch.testing.assert_close(out[0, :7], solo[0])
+    solo1 = recal(z_q[1:], z_a[1:])
+    torch.testing.assert_close(out[1, :7], solo1[0])
+    # changing the last answer input changes only the last position
+    z_a2 = [z_a[0].clone(), z_a[1]]
+    z_a2[0][-1] += 1.0
+    out2 = recal(z_q, z_a2)
+    torch.testing.assert_close(out2[0, :6], out[0, :6])
+    assert not torch.allclose(out2[0, 6], out[0, 6])
+
+
+def test_npe_positions_restart_per_concatenation():
+    """NPE: the same content gives the same output wherever it came from: positions are 0..T-1 of the concat."""
+    recal, _ = _small()
+    q, a = torch.randn(4, 32), torch.randn(3, 48)
+    out1 = recal([q], [a])
+    out2 = recal([q, torch.randn(6, 32)], [a, torch.randn(1, 48)])
+    torch.testing.assert_close(out1[0], out2[0, :7])
+
+
+def test_no_embedding_or_head_of_its_own():
+    recal, _ = _small()
+    assert not any(isinstance(m, torch.nn.Embedding) for m in recal.modules())
+    assert isinstance(recal.norm, torch.nn.LayerNorm) and recal.norm.normalized_shape == (48,)
+    assert recal.proj_pre.in_features == 48 and recal.proj_post.out_features == 48
+    assert len(recal.blocks) == 2

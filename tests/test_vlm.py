@@ -1,0 +1,56 @@
+"""The uniform VLM view: head(body(x)) equals the model's logits, and spans decode back to question and answer."""
+import pytest
+import torch
+
+from minigenrecal.data import make_split
+from minigenrecal.tiny import build_tiny_vlm
+from minigenrecal.vlm import VLMView
+
+FAMILIES = {"llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+            "qwen2vl": "Qwen2VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_head_of_body_is_logits_and_spans_decode(family):
+    model, proc = build_tiny_vlm(family)
+    assert type(model).__name__ == FAMILIES[family]
+    view = VLMView(model, proc, name=family)
+    samples = make_split(3, "train", 4)
+    encs = [view.encode(s) for s in samples]
+    batch = view.collate(encs)
+    with torch.no_grad():
+        z = view.body(batch)
+        ref = model(**{k: v for k, v in batch.items() if k not in ("q_lens", "a_lens")}).logits
+    assert z.shape == (4, batch["input_ids"].shape[1], view.d)
+    torch.testing.assert_close(view.head(z), ref)
+    tok = view.tokenizer
+    for s, e in zip(samples, encs):
+        q_text = tok.decode(e.input_ids[: e.q_len], skip_special_tokens=False)
+        a_ids = e.input_ids[e.q_len:]
+        assert s.question in q_text.replace("▁", " ")
+        assert tok.decode(a_ids, skip_special_tokens=True).strip() == s.answer
+        assert int(a_ids[-1]) in view.eot_ids  # the answer span ends with the end-of-turn token
+        assert all(int(t) not in view.eot_ids for t in a_ids[:-1])
+        assert int((e.input_ids[: e.q_len] == view.image_token_id).sum()) == view.expected_image_tokens(e.vision)
+
+
+def test_qwen2vl_batch_carries_mm_token_type_ids():
+    model, proc = build_tiny_vlm("qwen2vl")
+    view = VLMView(model, proc)
+    batch = view.collate([view.encode(s) for s in make_split(0, "train", 2)])
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == view.image_token_id).long())
+
+
+def test_tiny_pair_differs_in_every_way(tiny_pair):
+    teacher, make_student = tiny_pair
+    student = make_student()
+    assert type(teacher.model).__name__ != type(student.model).__name__
+    assert teacher.d > student.d and teacher.V != student.V
+    assert type(teacher.tokenizer.backend_tokenizer.model).__name__ == "BPE"
+    assert type(student.tokenizer.backend_tokenizer.model).__name__ == "Unigram"
+    s = make_split(0, "train", 1)[0]
+    et, es = teacher.encode(s), student.encode(s)
+    n_img_t = int((et.input_ids == teacher.image_token_id).sum())
+    n_img_s = int((es.input_ids == student.image_token_id).sum())
+    assert (n_img_t, n_img_s) == (4, 9)
+    assert et.a_len != es.a_len or not torch.equal(et.input_ids[et.q_len:], es.input_ids[es.q_len:])
