@@ -93,31 +93,31 @@ def plot_boundary(Lq_s: int, Lq_l: int, La: int, show_q: int = 3, ax=None):
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, Rectangle
     if ax is None:
-        _, ax = plt.subplots(figsize=(12, 4.8))
+        _, ax = plt.subplots(figsize=(11, 5.2))
     rows = [("teacher's own sequence", Lq_l, La, "q_l", "a", True),
             ("main path: [z_qs, P(z_al)]", Lq_s, La, "z_qs", "P(a", False),
             ("reg. path: [P(z_ql), P(z_al)]", Lq_l, La, "P(z_ql)", "P(a", False)]
     for r, (name, Lq, La_, qlab, alab, own) in enumerate(rows):
-        y = -r * 1.6
+        y = -r * 2.2
         ax.text(-0.3, y + 0.4, name, ha="right", va="center", fontsize=10)
         n_ans = La_ if own else La_ - 1
         shown = list(range(max(0, Lq - show_q), Lq))
         cols = [("...", None, "#dbe8f6")] if shown[0] > 0 else []
-        cols += [(f"{qlab}\n{p}", p, "#dbe8f6") for p in shown]
+        cols += [(qlab, p, "#dbe8f6") for p in shown]
         cols += [(f"a_{k}" if own else f"P(a_{k})", Lq + k, "#fde2c4") for k in range(n_ans)]
         for x, (lab, pos, color) in enumerate(cols):
             ax.add_patch(Rectangle((x, y), 0.9, 0.8, facecolor=color, edgecolor="#555"))
             ax.text(x + 0.45, y + 0.4, lab, ha="center", va="center", fontsize=7)
             if pos is not None:
-                ax.text(x + 0.45, y - 0.15, str(pos), ha="center", va="center", fontsize=7, color="#666")
+                ax.text(x + 0.45, y - 0.2, str(pos), ha="center", va="center", fontsize=7, color="#666")
             predicts = pos is not None and Lq - 1 <= pos <= Lq + La_ - 2
             if predicts:
                 k = pos - (Lq - 1)
                 ax.add_patch(FancyArrowPatch((x + 0.45, y + 0.8), (x + 0.45, y + 1.25), arrowstyle="-|>",
                                              mutation_scale=8, color="#c0392b"))
                 ax.text(x + 0.45, y + 1.33, f"a_{k}", ha="center", va="bottom", fontsize=8, color="#c0392b")
-    ax.set_xlim(-5.5, show_q + La + 2)
-    ax.set_ylim(-2 * 1.6 - 0.5, 1.8)
+    ax.set_xlim(-5.5, show_q + La + 1.2)
+    ax.set_ylim(-2 * 2.2 - 0.5, 1.8)
     ax.axis("off")
     ax.set_title("Who predicts what: red arrows = the position whose output is scored against teacher token a_k "
                  "(grey numbers = NPE position ids)", fontsize=10)
@@ -268,7 +268,7 @@ PAPER = {
                        "SFT only": 69.2},
     "regularization": {"no reg": 70.1, "feature-MSE reg": 71.7, "KL-only reg": 73.5, "CE-only reg": 74.6,
                        "CE+KL reg": 76.4},
-    "depth": {"1": 74.9, "2": 76.4, "5-20": 76.5},
+    "depth": {"1": 74.9, "2": 76.4, "5-20": "76.4-76.7"},
     "npe": {"without NPE": 70.5, "with NPE": 76.4},
     "calibration": {"SFT": {"jsd_x100": 0.53, "ece": 0.21}, "GenRecal": {"jsd_x100": 0.02, "ece": 0.13},
                     "teacher": {"jsd_x100": None, "ece": 0.11}},

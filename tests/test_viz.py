@@ -1,0 +1,106 @@
+"""Notebook helpers: the boundary table agrees with the losses, cosine/pooling maths, tables, the smoke switch."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from minigenrecal import viz
+from minigenrecal.losses import answer_rows, split_teacher
+from minigenrecal.recalibrator import Recalibrator
+
+
+def test_boundary_rows_last_question_position_predicts_a0():
+    rows = viz.boundary_rows(Lq=4, La=3)
+    assert [r["pos"] for r in rows] == list(range(6))  # Lq + La - 1 positions
+    assert [r["input"] for r in rows] == ["z_q[0]", "z_q[1]", "z_q[2]", "z_q[3]", "P(a_0)", "P(a_1)"]
+    assert [r["predicts"] for r in rows] == [None, None, None, "a_0", "a_1", "a_2"]
+
+
+@pytest.mark.parametrize("Lq,La", [(1, 2), (5, 2), (7, 6)])
+def test_boundary_rows_match_answer_rows(Lq, La):
+    rows = viz.boundary_rows(Lq, La)
+    predicting = [r["pos"] for r in rows if r["predicts"] is not None]
+    expected = answer_rows(torch.arange(Lq + La - 1)[None], torch.tensor([Lq]), torch.tensor([La])).tolist()
+    assert predicting == expected
+    assert rows[Lq - 1]["predicts"] == "a_0" and rows[-1]["predicts"] == f"a_{La - 1}"
+
+
+def test_cosine_matrix_against_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, -1.0]])
+    m = viz.cosine_matrix(a, b)
+    s = 2 ** -0.5
+    torch.testing.assert_close(m, torch.tensor([[1.0, 0.0, -s], [s, s, -1.0]]))
+
+
+def test_path_features_pools_the_answer_predicting_rows():
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    recal = Recalibrator(24, cfg).eval()
+    q_lens, a_lens = torch.tensor([5, 3]), torch.tensor([3, 2])
+    z = torch.randn(2, 8, 24)
+    t = split_teacher(z, torch.zeros(2, 8, dtype=torch.long), q_lens, a_lens)
+    z_q = [torch.randn(4, 16), torch.randn(6, 16)]
+    pooled = viz.path_features(recal, z_q, t)
+    assert pooled.shape == (2, 24)
+    with torch.no_grad():
+        out = recal(z_q, t.z_a)
+    torch.testing.assert_close(pooled[0], out[0, 3:6].mean(0))  # rows Lq-1 .. Lq+La-2 of sample 0 (Lq=4, La=3)
+    torch.testing.assert_close(pooled[1], out[1, 5:7].mean(0))  # sample 1 (Lq=6, La=2)
+
+
+def test_smooth_is_a_trailing_mean():
+    assert viz.smooth([1, 2, 3, 4, 5], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert viz.smooth([4.0, 2.0], 1) == [4.0, 2.0]
+
+
+def test_summarize_rows_and_markdown_table():
+    rows = [{"method": "sft", "seed": 0, "accuracy": 0.5, "jsd": None, "ece": 0.2},
+            {"method": "sft", "seed": 1, "accuracy": 0.7, "jsd": None, "ece": 0.4},
+            {"method": "genrecal", "seed": 0, "accuracy": 0.9, "jsd": 0.01, "ece": 0.1}]
+    s = {r["method"]: r for r in viz.summarize_rows(rows)}
+    assert s["sft"]["seeds"] == 2 and s["sft"]["accuracy"] == pytest.approx(0.6)
+    assert s["sft"]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert s["sft"]["jsd"] is None and s["genrecal"]["accuracy_std"] is None
+    md = viz.markdown_table(viz.summarize_rows(rows), ["method", "seeds", "accuracy", "jsd"])
+    lines = md.splitlines()
+    assert lines[0] == "| method | seeds | accuracy | jsd |"
+    assert lines[2] == "| sft | 2 | 0.600 | - |"
+
+
+def test_smoke_switch(monkeypatch):
+    monkeypatch.setenv(viz.SMOKE_ENV, "1")
+    assert viz.smoke() and viz.pick(100, 3) == 3
+    monkeypatch.setenv(viz.SMOKE_ENV, "0")
+    assert not viz.smoke() and viz.pick(100, 3) == 100
+    monkeypatch.delenv(viz.SMOKE_ENV)
+    assert viz.pick(100, 3) == 100
+
+
+def test_token_rows_spans_follow_the_encoding(tiny_pair, samples):
+    teacher, student_factory = tiny_pair
+    for view in (teacher, student_factory()):
+        enc = view.encode(samples[0])
+        rows = viz.token_rows(view, enc)
+        assert len(rows) == enc.q_len + enc.a_len
+        assert [r["span"] for r in rows].count("a") == enc.a_len
+        assert sum(r["span"] == "image" for r in rows) == int((enc.input_ids == view.image_token_id).sum())
+        assert "La=" in viz.tokens_html(view, enc, "x")
+
+
+def test_plots_draw_without_error(tiny_pair, samples):
+    import matplotlib.pyplot as plt
+    ax = viz.plot_boundary(Lq_s=6, Lq_l=8, La=3)
+    reds = [t.get_text() for t in ax.texts if t.get_color() == "#c0392b"]
+    assert reds == ["a_0", "a_1", "a_2"] * 3  # three rows, each scoring a_0..a_2
+    hist = [{"loss": 3.0 - 0.1 * i, "ce_main": 1.0} for i in range(10)]
+    ax = viz.plot_history(hist, window=3)
+    assert len(ax.lines) == 2
+    fig = viz.plot_cosine({"a": torch.eye(3)})
+    assert "mean diagonal 1.00" in fig.axes[0].get_title()
+    fig = viz.show_samples(samples[:2], ["x", samples[1].answer], ncols=2)
+    assert fig.axes[1].title.get_color() == "green" and fig.axes[0].title.get_color() == "red"
+    plt.close("all")
