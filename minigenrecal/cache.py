@@ -68,8 +68,7 @@ def build_cache(teacher: VLMView, samples: list[Sample], out: str | Path, batch_
         for b, s in enumerate(chunk):
             La, st = int(t.a_lens[b]), int(starts[b])
             z_pred = t.z_pred[st: st + La]  # (La, d_l)
-            rows["z_seq"].append(torch.cat([t.z_q[b], z_pred[:-1]]).to("cpu", dt) if answer_input == "features"
-                                 else torch.cat([t.z_q[b], z_pred[1:]]).to("cpu", dt))
+            rows["z_seq"].append(torch.cat([t.z_q[b], z_pred[1:]]).to("cpu", dt))  # z at 0 .. Lq_l+La-2
             if answer_input == "embeddings":
                 rows["z_a"].append(t.z_a[b].to("cpu", dt))
             rows["labels"].append(t.labels[st: st + La].cpu())
@@ -149,8 +148,7 @@ class TeacherCache:
         labels = f.get_slice("labels")[lab: lab + La]
         if self.meta["answer_input"] == "features":
             return z[:Lq], z[Lq:], z[Lq - 1:], labels
-        z_a = f.get_slice("z_a")[ans: ans + La - 1].to(self.dtype)
-        return z[:Lq], z_a, torch.cat([z[Lq - 1: Lq], z[Lq:]]), labels
+        return z[:Lq], f.get_slice("z_a")[ans: ans + La - 1].to(self.dtype), z[Lq - 1:], labels
 
     def teacher_out(self, idx: torch.Tensor | list[int]) -> TeacherOut:
         """The TeacherOut of a batch of dataset indices, as `stages.teacher_forward` would give it."""
