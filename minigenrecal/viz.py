@@ -274,3 +274,44 @@ PAPER = {
                     "teacher": {"jsd_x100": None, "ece": 0.11}},
     "cross_tokenizer_avg": {"base": 67.0, "ULD": 69.4, "MOT": 70.8, "GenRecal": 76.4},
 }
+
+
+# -- what the Recalibrator gets right, and where gradients land -------------------------------------------
+@torch.no_grad()
+def recal_token_accuracy(recal, student, teacher, samples, batch_size: int = 32) -> dict:
+    """Teacher-head argmax accuracy of the main path's recalibrated features against the teacher's answer
+    tokens: over all answer tokens, and over a_0 alone (the one token predicted from the student's question only)."""
+    from .stages import teacher_forward
+    hits = first = n = n_first = 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i: i + batch_size]
+        s_batch = student.collate([student.encode(s) for s in chunk])
+        t = teacher_forward(teacher, teacher.collate([teacher.encode(s) for s in chunk]))
+        z_s = student.body(s_batch)
+        z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]
+        out = recal(z_qs, t.z_a)  # (B, T, d_l)
+        h = answer_rows(out, torch.tensor([len(q) for q in z_qs]), t.a_lens.cpu())  # (N, d_l)
+        ok = (teacher.head(h).argmax(-1) == t.labels).float()
+        starts = torch.cumsum(t.a_lens, 0) - t.a_lens  # row of a_0 for each sample
+        hits, n = hits + ok.sum().item(), n + len(ok)
+        first, n_first = first + ok[starts].sum().item(), n_first + len(starts)
+    return {"all_tokens": hits / max(n, 1), "first_token": first / max(n_first, 1)}
+
+
+def plot_token_values(series: dict, spans: list[str], ylabel: str = "gradient norm", title: str = "", ax=None):
+    """Bars per position for each {label: (T,) values}; the background shades question, image and answer spans."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 3.4))
+    for i, sp in enumerate(spans):
+        ax.axvspan(i - 0.5, i + 0.5, color=_SPAN_COLOR[sp], alpha=0.6, lw=0)
+    width = 0.8 / len(series)
+    for k, (label, vals) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(vals))]
+        ax.bar(xs, [float(v) for v in vals], width=width, label=label)
+    ax.set_xlim(-0.5, len(spans) - 0.5)
+    ax.set_xlabel("student position (blue: question text, grey: image tokens, orange: answer)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax

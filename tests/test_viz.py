@@ -104,3 +104,35 @@ def test_plots_draw_without_error(tiny_pair, samples):
     fig = viz.show_samples(samples[:2], ["x", samples[1].answer], ncols=2)
     assert fig.axes[1].title.get_color() == "green" and fig.axes[0].title.get_color() == "red"
     plt.close("all")
+
+
+def test_recal_token_accuracy_counts_first_tokens(tiny_pair, samples):
+    from minigenrecal.recalibrator import Recalibrator
+    teacher, student_factory = tiny_pair
+    student = student_factory()
+    torch.manual_seed(0)
+    recal = Recalibrator(teacher.d, student.text_config).eval()
+    acc = viz.recal_token_accuracy(recal, student, teacher, samples[:5], batch_size=2)
+    assert 0.0 <= acc["first_token"] <= 1.0 and 0.0 <= acc["all_tokens"] <= 1.0
+    # a stand-in whose outputs at the predicting rows are the teacher's own features scores exactly as the teacher
+    from minigenrecal.stages import teacher_forward
+    t = teacher_forward(teacher, teacher.collate([teacher.encode(s) for s in samples[:5]]))
+    ok = (teacher.head(t.z_pred).argmax(-1) == t.labels).float()
+    rows = list(t.z_pred.split(t.a_lens.tolist()))
+
+    def echo(z_q, z_a):
+        out = torch.zeros(len(z_q), max(len(q) + len(a) for q, a in zip(z_q, z_a)), teacher.d)
+        for b, (q, r) in enumerate(zip(z_q, rows)):
+            out[b, len(q) - 1: len(q) - 1 + len(r)] = r
+        return out
+    acc = viz.recal_token_accuracy(echo, student, teacher, samples[:5], batch_size=5)
+    starts = torch.cumsum(t.a_lens, 0) - t.a_lens
+    assert acc["all_tokens"] == pytest.approx(ok.mean().item())
+    assert acc["first_token"] == pytest.approx(ok[starts].mean().item())
+
+
+def test_plot_token_values_one_bar_per_position():
+    import matplotlib.pyplot as plt
+    ax = viz.plot_token_values({"g": torch.tensor([0.0, 1.0, 2.0]), "h": [1, 1, 1]}, ["q", "image", "a"])
+    assert len(ax.patches) >= 6  # 2 series x 3 positions (+ span shading)
+    plt.close("all")
