@@ -83,7 +83,7 @@ def main(argv=None):
 def _extra_commands():
     """Subcommands that live in their own modules (reproduce, cache-teacher, bench)."""
     out = []
-    for mod in ("reproduce", "cache", "bench"):
+    for mod in ("reproduce", "cache", "bench", "train"):
         try:
             m = __import__(f"minigenrecal.{mod}", fromlist=["add_command"])
         except ImportError:

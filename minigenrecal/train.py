@@ -1,0 +1,119 @@
+"""`python -m minigenrecal train`: stages 1-3 for a preset, launchable by `accelerate launch`.
+
+    accelerate launch --config_file configs/single_gpu.yaml -m minigenrecal train --preset "smolvlm-256m<-qwen2-vl-2b" --data train.json
+    accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset "internvl2.5-8b<-internvl2.5-78b" --cache CACHE --data train.json
+    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --steps 1   # CPU, gloo
+
+Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
+runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON. `--cache DIR`
+(from `cache-teacher` over the same samples) trains stages 1-2 without the teacher body: only its head is loaded.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+def load_student_only(preset, tiny_random: bool):
+    from .vlm import VLMView
+    if tiny_random:
+        from .presets_tiny import build_tiny_pair
+        return build_tiny_pair(preset)[1]
+    if preset.student == "tiny":
+        from .tiny import build_student
+        model, proc = build_student(0)
+    else:
+        from .hub import load_hub_vlm
+        model, proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code)
+    return VLMView(model, proc, preset.max_length, name="student")
+
+
+def _params(student, recal) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v.detach().cpu().float() for k, v in student.model.named_parameters()}
+    out.update({f"recal.{k}": v.detach().cpu().float() for k, v in recal.named_parameters()})
+    return out
+
+
+def run(a) -> dict:
+    from .config import get_preset
+    from .data import make_split, read_llava_json
+    from .recalibrator import Recalibrator
+    from .stages import PairData, get_accelerator, train_stage
+
+    preset = get_preset(a.preset)
+    torch.manual_seed(a.seed)
+    samples = read_llava_json(a.data, a.image_root) if a.data else make_split(a.data_seed, "train", a.n or preset.n_train)
+    teacher, cache = None, None
+    if a.cache:
+        from .cache import TeacherCache
+        cache = TeacherCache(a.cache)
+        samples = samples[: len(cache)]
+        cache.check(samples)
+        student = load_student_only(preset, a.tiny_random)
+        head, d_l = cache.head(), cache.meta["d_l"]
+    elif a.tiny_random:
+        from .presets_tiny import build_tiny_pair
+        teacher, student = build_tiny_pair(preset)
+        head, d_l = teacher.head, teacher.d
+    else:
+        from .pipeline import load_pair
+        teacher, student = load_pair(preset)
+        head, d_l = teacher.head, teacher.d
+    data = PairData([student.encode(s) for s in samples],
+                    None if teacher is None else [teacher.encode(s) for s in samples])
+    torch.manual_seed(a.seed)
+    recal = Recalibrator(d_l, student.text_config, preset.depth)
+    out = Path(a.out)
+    acc = get_accelerator()
+    if a.state_out:  # every rank writes its parameters before and after each stage, so a test can compare ranks
+        Path(a.state_out).mkdir(parents=True, exist_ok=True)
+        torch.save({"params": _params(student, recal)}, Path(a.state_out) / f"stage0-rank{acc.process_index}.pt")
+    log = {"preset": preset.name, "world_size": acc.num_processes, "stages": {}}
+    for stage in [int(s) for s in a.stages.split(",")]:
+        cfg = preset.stages()[stage]
+        over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
+        cfg = replace(cfg, **over)
+        t0 = time.time()
+        hist = train_stage(stage, student, data, cfg, teacher=teacher, recal=recal, teacher_head=head,
+                           teacher_fn=cache.teacher_fn if cache is not None and stage in (1, 2) else None,
+                           progress=not a.quiet)
+        log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1]}
+        if a.state_out:
+            torch.save({"params": _params(student, recal), "loss": hist[-1]["loss"]},
+                       Path(a.state_out) / f"stage{stage}-rank{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process and not a.no_save:
+        out.mkdir(parents=True, exist_ok=True)
+        acc.unwrap_model(student.model).save_pretrained(out / "student")
+        (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+    return log
+
+
+def add_command(sub) -> None:
+    t = sub.add_parser("train", help="stages 1-3 for a preset (launch with `accelerate launch -m minigenrecal train`)")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
+    t.add_argument("--data", default=None, help="LLaVA conversation JSON (default: the synthetic train split)")
+    t.add_argument("--image-root", default=None)
+    t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
+    t.add_argument("--data-seed", type=int, default=0)
+    t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")
+    t.add_argument("--tiny-random", action="store_true", help="the preset's model classes at tiny size, random init")
+    t.add_argument("--steps", type=int, default=None, help="override every stage's steps")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--grad-accum", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--no-save", action="store_true")
+    t.add_argument("--state-out", default=None, help=argparse_hidden())
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=run)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
