@@ -36,10 +36,11 @@ def _paper(batch: int, accum: int, chunk: int | None = 1024) -> StageConfig:
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny", teacher="tiny", student="tiny", n_train=1000,
-           # Tiny LRs are ours (from-scratch student): chosen on the val split, recorded here.
+           # Tiny LRs are ours (from-scratch student): chosen on the val split, recorded here. The tiny student is
+           # random-init, so its vision encoder trains in stages 2-3 (train_vision); real presets keep it frozen.
            stage1=StageConfig(steps=150, batch_size=32, lr=1e-3, lr_end=1e-4),
-           stage2=StageConfig(steps=300, batch_size=32, lr=1e-3, lr_end=1e-4),
-           stage3=StageConfig(steps=300, batch_size=32, lr=1e-3, lr_end=1e-4),
+           stage2=StageConfig(steps=300, batch_size=32, lr=1e-3, lr_end=1e-4, train_vision=True),
+           stage3=StageConfig(steps=300, batch_size=32, lr=1e-3, lr_end=1e-4, train_vision=True),
            note="offline, CPU, minutes"),
     Preset("smolvlm-256m<-qwen2-vl-2b", teacher="Qwen/Qwen2-VL-2B-Instruct", student="HuggingFaceTB/SmolVLM-256M-Instruct",
            dtype="bfloat16", max_length=2048, n_train=100_000,

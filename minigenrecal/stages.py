@@ -29,6 +29,7 @@ class StageConfig:
     w_ce: float = 1.0  # CE through the teacher head
     w_kl: float = 1.0  # KL to the teacher's logits
     w_student: float = 1.0  # the student's own CE (stages 2 and 3)
+    train_vision: bool = False  # paper: the student's vision encoder is always frozen; True only for random-init toys
     reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2 per METHOD decision 6)
     chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
     seed: int = 0
@@ -52,15 +53,20 @@ def student_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teacher: nn.Module | None = None) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters."""
+def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teacher: nn.Module | None = None,
+                  train_vision: bool = False) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters.
+
+    `train_vision` (off by default, as in the paper) also trains the student's vision encoder in stages 2-3;
+    the tiny preset turns it on because its student is random-init and a frozen random encoder is blind.
+    """
     for m in (student, recal, teacher):
         if m is not None:
             m.requires_grad_(False)
     g = student_groups(student)
     params = list(recal.parameters()) if stage in (1, 2) else []
     if stage in (2, 3):
-        params += g["llm"] + g["projector"]
+        params += g["llm"] + g["projector"] + (g["vision"] if train_vision else [])
     for p in params:
         p.requires_grad_(True)
     return params
@@ -168,7 +174,7 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
         if teacher_fn is None:
             teacher_fn = lambda tb, idx: teacher_forward(teacher, tb, answer_input)
     params = set_trainable(stage, student.model, recal if stage in (1, 2) else None,
-                           teacher.model if teacher is not None else None)
+                           teacher.model if teacher is not None else None, cfg.train_vision)
     if teacher_head is not None:
         teacher_head.requires_grad_(False)
     module = GenRecal(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None)

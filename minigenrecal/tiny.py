@@ -148,7 +148,7 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     model, proc = build_teacher(seed)
     view = VLMView(model, proc, name="teacher")
     data = PairData([view.encode(s) for s in make_split(seed, "train", n_train)])
-    cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed)
+    cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed, train_vision=True)
     hist = train_stage(3, view, data, cfg)
     val = exact_match(view, make_split(seed, "val", n_val))["accuracy"]
     log(f"teacher val exact-match: {val:.3f} after {steps} steps (final loss {hist[-1]['loss']:.4f})")
