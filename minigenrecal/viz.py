@@ -155,6 +155,15 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
+def path_cosine(paths: dict, a: str = "student_path", b: str = "teacher_path", center: bool = True) -> torch.Tensor:
+    """Cosine matrix between two of `recal_paths`' outputs; `center` removes each side's mean over the samples
+    first, so the matrix shows what is specific to each QA pair rather than a direction they all share."""
+    x, y = paths[a], paths[b]
+    if center:
+        x, y = x - x.mean(0), y - y.mean(0)
+    return cosine_matrix(x, y)
+
+
 def plot_cosine(mats: dict, vmin: float = -1.0, vmax: float = 1.0, xlabel: str = "teacher-path sample",
                 ylabel: str = "student-path sample"):
     """Side-by-side heatmaps of cosine matrices {title: (n, n) tensor}; the diagonal is the same QA pair."""

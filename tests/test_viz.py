@@ -35,6 +35,14 @@ def test_cosine_matrix_against_hand_computed():
     torch.testing.assert_close(m, torch.tensor([[1.0, 0.0, -s], [s, s, -1.0]]))
 
 
+def test_path_cosine_centers_each_side():
+    shared = torch.tensor([10.0, 10.0, 0.0])
+    own = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])  # zero-mean over samples
+    paths = {"student_path": shared + own, "teacher_path": shared + 2 * own}
+    torch.testing.assert_close(viz.path_cosine(paths), viz.cosine_matrix(own, own))
+    assert viz.path_cosine(paths, center=False).min() > 0.8  # the shared direction dominates uncentred
+
+
 def test_path_features_pools_the_answer_predicting_rows():
     from transformers import LlamaConfig
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2)
