@@ -1,0 +1,30 @@
+"""The bench's config dimensions reproduce the paper's Recalibrator sizes; a scaled-down bench runs on CPU."""
+import math
+
+import pytest
+import torch
+
+from minigenrecal.bench import DIMS, bench, build_lm
+from minigenrecal.recalibrator import count_parameters
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("student,exact,millions", [("Qwen/Qwen2-VL-7B-Instruct", 524_864_000, 524.8),
+                                                    ("OpenGVLab/InternVL2_5-8B", 503_361_536, 503.3)])
+def test_dims_give_paper_recalibrator_size(student, exact, millions):
+    with torch.device("meta"):
+        cfg = build_lm(DIMS[student], torch.float32, "meta").config
+    n = count_parameters(DIMS["OpenGVLab/InternVL2_5-78B"].d, cfg)
+    assert n == exact and abs(n / 1e6 - millions) < 0.1  # the paper's figure, truncated to 0.1M
+
+
+def test_bench_cpu_scaled():
+    rows = bench("smolvlm-256m<-qwen2-vl-2b", scale=0.03, batch=2, lq=24, la=8, steps=1, chunk=4)
+    assert [r["stage"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["step_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] < 1
+    assert rows[1]["tflops"] * rows[1]["step_s"] > rows[0]["tflops"] * rows[0]["step_s"]  # stage 2 trains more
+    cached = bench("smolvlm-256m<-qwen2-vl-2b", scale=0.03, batch=2, lq=24, la=8, steps=1, chunk=None,
+                   use_cache=True, stages=(1,))
+    assert cached[0]["tflops"] * cached[0]["step_s"] < rows[0]["tflops"] * rows[0]["step_s"]  # no teacher body
