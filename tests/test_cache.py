@@ -93,7 +93,9 @@ def test_stage1_trains_from_cache_without_teacher_body(pair, tmp_path):
     changed = [not torch.equal(p, q) for p, q in zip(r_cache.parameters(), recal0.parameters())]
     assert all(changed)
     for p, q in zip(r_cache.parameters(), r_live.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        # fp32 roundoff of differently padded teacher batches, amplified by Adam where a gradient is ~0:
+        # allowed up to a tenth of one step (lr 1e-3)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
 
 
 def test_cache_teacher_cli(pair, tmp_path):
