@@ -1,0 +1,164 @@
+"""Distillation baselines to set beside GenRecal on one pair, under the same student budget.
+
+| baseline            | student                                  | loss on the student                                        |
+|---------------------|------------------------------------------|------------------------------------------------------------|
+| `sft`               | the cross-tokenizer student              | its own CE (`pipeline.run_sft`)                            |
+| `same_tokenizer_kd` | a Llava student with the TEACHER's tokenizer | forward KL to the teacher's logits + CE                  |
+| `uld`               | the cross-tokenizer student              | Universal Logit Distillation (sorted-probability L1) + CE  |
+| `linear_projector`  | the cross-tokenizer student              | DSKD-style: Linear(d_s -> d_l) -> teacher head, CE + KL, + CE |
+
+Cross-tokenizer answer positions are paired by index: the k-th answer-predicting row of the student with the k-th of
+the teacher, for k < min(La_s, La_l). Each loss is a small function of plain tensors (tested against a reference
+in tests/test_baselines.py); `train_baseline` runs any of them in the flat loop of stages.py: AdamW, LR linear from
+`lr` to `lr_end`, the student's LLM + projector (+ vision encoder with `train_vision`) train, the teacher is frozen.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .losses import TeacherOut, answer_rows, head_losses, kl_from_logits
+from .stages import PairData, StageConfig, make_collate, set_trainable, teacher_forward
+from .vlm import VLMView
+
+METHODS = ("same_tokenizer_kd", "uld", "linear_projector")
+
+
+# -- losses (plain tensors in, scalar out) ----------------------------------------------------------------
+def align_by_index(s_lens: torch.Tensor, t_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices into the flattened answer rows of each side that pair answer position k with k, k < min(La_s, La_l)."""
+    idx_s, idx_t, off_s, off_t = [], [], 0, 0
+    for a_s, a_t in zip(s_lens.tolist(), t_lens.tolist()):
+        k = torch.arange(min(a_s, a_t))
+        idx_s.append(off_s + k)
+        idx_t.append(off_t + k)
+        off_s, off_t = off_s + a_s, off_t + a_t
+    return torch.cat(idx_s), torch.cat(idx_t)
+
+
+def uld_loss(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """ULD on aligned rows: sort each side's probabilities descending, zero-pad the smaller vocabulary, L1 per row, mean.
+
+    s_logits (N, V_s), t_logits (N, V_l); the teacher side carries no gradient.
+    """
+    p_s = F.softmax(s_logits.float(), -1).sort(-1, descending=True).values  # (N, V_s)
+    p_t = F.softmax(t_logits.detach().float(), -1).sort(-1, descending=True).values  # (N, V_l)
+    V = max(p_s.shape[-1], p_t.shape[-1])
+    p_s, p_t = F.pad(p_s, (0, V - p_s.shape[-1])), F.pad(p_t, (0, V - p_t.shape[-1]))  # (N, V)
+    return (p_s - p_t).abs().sum(-1).mean()
+
+
+def projector_losses(h_s: torch.Tensor, proj: nn.Linear, t_head: nn.Linear, z_t: torch.Tensor, labels: torch.Tensor,
+                     tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSKD-style (CE, KL): aligned student rows h_s (N, d_s) -> proj -> the teacher's frozen head, against the
+    teacher's labels (N,) and its logits head(z_t) (N, d_l -> V_l). No decoder blocks between proj and head."""
+    return head_losses(proj(h_s), z_t, labels, t_head, tau)  # (CE, KL), the same terms GenRecal's paths use
+
+
+def same_tokenizer_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Classic logit KD when both sides share one vocabulary: forward KL(p_teacher || p_student), rows (N, V)."""
+    return kl_from_logits(s_logits, t_logits.detach(), tau)
+
+
+# -- one batch's terms per method -------------------------------------------------------------------------
+def baseline_terms(method: str, student: VLMView, s_batch: dict, t: TeacherOut, t_head: nn.Linear,
+                   cfg: StageConfig, proj: nn.Linear | None = None) -> dict[str, torch.Tensor]:
+    """Every loss term of `method` on one batch; terms['loss'] is what trains (the student's CE always included)."""
+    z_s = student.body(s_batch)  # (B, T_s, d_s)
+    terms = {"ce_student": student.student_ce(z_s, s_batch)}
+    h_s = answer_rows(z_s, s_batch["q_lens"], s_batch["a_lens"])  # (N_s, d_s): answer-predicting rows
+    with torch.no_grad():
+        t_logits = t_head(t.z_pred).float()  # (N_l, V_l): the teacher's answer-predicting logits
+    if method == "same_tokenizer_kd":
+        if h_s.shape[0] != t.z_pred.shape[0]:
+            raise ValueError("same_tokenizer_kd needs the student to render answers exactly as the teacher does")
+        terms["kl"] = same_tokenizer_kd_loss(student.head(h_s), t_logits, cfg.tau)
+        terms["loss"] = cfg.w_student * terms["ce_student"] + cfg.w_kl * terms["kl"]
+        return terms
+    i_s, i_t = align_by_index(s_batch["a_lens"].cpu(), t.a_lens.cpu())
+    i_s, i_t = i_s.to(h_s.device), i_t.to(h_s.device)
+    if method == "uld":
+        terms["uld"] = uld_loss(student.head(h_s[i_s]), t_logits[i_t])
+        terms["loss"] = cfg.w_student * terms["ce_student"] + cfg.w_kl * terms["uld"]
+    elif method == "linear_projector":
+        terms["ce_proj"], terms["kl_proj"] = projector_losses(h_s[i_s], proj, t_head, t.z_pred[i_t], t.labels[i_t], cfg.tau)
+        terms["loss"] = cfg.w_student * terms["ce_student"] + cfg.w_ce * terms["ce_proj"] + cfg.w_kl * terms["kl_proj"]
+    else:
+        raise ValueError(f"unknown baseline {method!r}; choose from {METHODS}")
+    return terms
+
+
+# -- the loop (the same flat loop as stages.train_stage) --------------------------------------------------
+def train_baseline(method: str, student: VLMView, data: PairData, cfg: StageConfig, teacher: VLMView,
+                   teacher_fn: Callable[[dict | None, torch.Tensor], TeacherOut] | None = None,
+                   progress: bool = False) -> list[dict]:
+    """Train `student` with `method` for `cfg.steps` optimizer steps; returns the per-step history.
+
+    `data` pairs student and teacher renderings (`stages.PairData`); `teacher_fn(t_batch, idx)` may replace the live
+    teacher forward (e.g. `cache.TeacherCache.teacher_fn`). The linear projector is trained alongside and then dropped.
+    """
+    if teacher_fn is None:
+        teacher_fn = lambda tb, idx: teacher_forward(teacher, tb)
+    t_head = teacher.head
+    params = set_trainable(3, student.model, None, teacher.model, cfg.train_vision)  # student LLM + projector (+ vision)
+    t_head.requires_grad_(False)
+    proj = nn.Linear(student.d, teacher.d) if method == "linear_projector" else None
+    if proj is not None:
+        params += list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    decay = lambda s: 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    g = torch.Generator().manual_seed(cfg.seed + 3)  # the same data order as a stage-3 (SFT) run of this seed
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                        drop_last=len(data) >= cfg.batch_size, collate_fn=make_collate(student, teacher))
+    history, step, it = [], 0, iter(loader)
+    student.model.train()
+    while step < cfg.steps:
+        # 1. next batch (restart the epoch when it runs out)
+        try:
+            s_batch, t_batch, idx = next(it)
+        except StopIteration:
+            it = iter(loader)
+            s_batch, t_batch, idx = next(it)
+        # 2. the frozen teacher's answer features, then the method's loss
+        t = teacher_fn(t_batch, idx)
+        terms = baseline_terms(method, student, s_batch, t, t_head, cfg, proj)
+        # 3. step
+        terms["loss"].backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        history.append({"method": method, "step": step, "lr": sched.get_last_lr()[0],
+                        **{k: v.item() for k, v in terms.items()}})
+        step += 1
+    student.model.eval()
+    return history
+
+
+# -- the same-tokenizer student -----------------------------------------------------------------------------
+def build_same_tokenizer_student(seed: int = 0):
+    """A Llava student that shares the teacher's tokenizer, processor and vocabulary (V_l), with the tiny student's
+    text dimensions (d=96, 2 layers) and a vision tower of the tiny student's size. Different class and tokenizer
+    from the cross-tokenizer student: that is the point of the row."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .tiny import _finish, student_config, student_processor, teacher_config, teacher_processor
+    proc = teacher_processor()
+    t_cfg = teacher_config(proc.tokenizer)
+    s_text = student_config(student_processor().tokenizer).text_config
+    text = t_cfg.text_config
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        setattr(text, k, getattr(s_text, k))
+    sv = student_config(student_processor().tokenizer).vision_config
+    vision = CLIPVisionConfig(hidden_size=sv.hidden_size, intermediate_size=sv.intermediate_size,
+                              num_hidden_layers=sv.num_hidden_layers, num_attention_heads=sv.num_attention_heads,
+                              image_size=t_cfg.vision_config.image_size, patch_size=t_cfg.vision_config.patch_size,
+                              projection_dim=sv.hidden_size)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=t_cfg.image_token_id,
+                      vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    return _finish(LlavaForConditionalGeneration(cfg), proc.tokenizer), proc

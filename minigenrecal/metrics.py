@@ -1,0 +1,128 @@
+"""Vocabulary-independent metrics: answer distributions over a closed candidate set, their JSD, and ECE.
+
+The teacher and the student have different tokenizers, so their token distributions cannot be compared directly.
+Every question of the synthetic task has a small closed set of possible answers, read off its question type:
+
+| question                                   | candidates                                        |
+|--------------------------------------------|---------------------------------------------------|
+| What is in the {cell} cell?                | nothing, a {color} {shape} (4 x 3)  -> 13         |
+| How many {color} shapes are there?         | zero shapes .. four shapes           -> 5         |
+| How many {shape}s are there?               | zero {shape}s .. four {shape}s       -> 5         |
+| How many shapes are there in total?        | zero shapes .. four shapes           -> 5         |
+| What is the number of shapes plus {k}?     | NUMBERS[k + 0] .. NUMBERS[k + 4]     -> 5         |
+
+Each model scores each candidate's full answer sequence (its own answer tokens + end-of-turn) given the question
+and the image; a softmax over the candidates' sequence log-probabilities is that model's answer distribution.
+Exact match (greedy decoding) lives in `evaluate.exact_match` and is re-exported here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .data import COLORS, NUMBERS, SHAPES, Sample, _count_phrase
+from .evaluate import exact_match, normalize
+from .losses import answer_rows
+from .vlm import Encoded, VLMView
+
+__all__ = ["candidates", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index"]
+MAX_COUNT = 4  # a 2x2 grid holds at most four shapes
+
+
+def candidates(question: str) -> list[str]:
+    """The closed answer set of one synthetic question (fixed order); ValueError for an unknown question type."""
+    q = question.strip()
+    if re.fullmatch(r"What is in the (top|bottom) (left|right) cell\?", q):
+        return ["nothing"] + [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    if q == "How many shapes are there in total?":
+        return [_count_phrase(n, "shape") for n in range(MAX_COUNT + 1)]
+    m = re.fullmatch(r"How many (\w+) shapes are there\?", q)
+    if m and m.group(1) in COLORS:
+        return [_count_phrase(n, "shape") for n in range(MAX_COUNT + 1)]
+    m = re.fullmatch(r"How many (\w+)s are there\?", q)
+    if m and m.group(1) in SHAPES:
+        return [_count_phrase(n, m.group(1)) for n in range(MAX_COUNT + 1)]
+    m = re.fullmatch(r"What is the number of shapes plus (\w+)\?", q)
+    if m and m.group(1) in NUMBERS:
+        k = NUMBERS.index(m.group(1))
+        return [NUMBERS[k + n] for n in range(MAX_COUNT + 1) if k + n < len(NUMBERS)]
+    raise ValueError(f"no candidate answer set for the question {question!r}")
+
+
+def gold_index(s: Sample) -> int:
+    """Index of the sample's answer in its candidate set (ValueError if absent)."""
+    return [normalize(c) for c in candidates(s.question)].index(normalize(s.answer))
+
+
+@torch.no_grad()
+def candidate_logprobs(view: VLMView, samples: list[Sample], batch_size: int = 64) -> list[torch.Tensor]:
+    """Per sample, (C,) log-probabilities of each candidate's answer tokens + end-of-turn under `view`'s model."""
+    view.model.eval()
+    dev = next(view.model.parameters()).device
+    encs, owner = [], []
+    for i, s in enumerate(samples):
+        q = view.encode(s)  # the question span and the image inputs, rendered once
+        for c in candidates(s.question):
+            a = torch.tensor(view.answer_ids(replace(s, answer=c)), dtype=torch.long)
+            encs.append(Encoded(torch.cat([q.input_ids[: q.q_len], a]), q.q_len, len(a), q.vision, s.id))
+            owner.append(i)
+    scores = []
+    for i in range(0, len(encs), batch_size):
+        batch = {k: v.to(dev) for k, v in view.collate(encs[i: i + batch_size]).items()}
+        z = view.body(batch)  # (B, T, d)
+        logp = view.head(answer_rows(z, batch["q_lens"], batch["a_lens"])).float().log_softmax(-1)  # (N, V)
+        tok = logp.gather(1, view.answer_labels(batch)[:, None])[:, 0]  # (N,)
+        scores += [part.sum().item() for part in tok.split(batch["a_lens"].tolist())]
+    out = [[] for _ in samples]
+    for i, sc in zip(owner, scores):
+        out[i].append(sc)
+    return [torch.tensor(o, dtype=torch.float64) for o in out]
+
+
+def answer_distributions(view: VLMView, samples: list[Sample], batch_size: int = 64) -> list[torch.Tensor]:
+    """Per sample, the model's distribution over the candidate answers: softmax of sequence log-probabilities."""
+    return [lp.softmax(-1) for lp in candidate_logprobs(view, samples, batch_size)]
+
+
+def jsd(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence in nats: 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2."""
+    p, q = p.double(), q.double()
+    m = 0.5 * (p + q)
+    kl = lambda a: (torch.xlogy(a, a) - torch.xlogy(a, m)).sum()
+    return float(0.5 * kl(p) + 0.5 * kl(q))
+
+
+def mean_jsd(ps: list[torch.Tensor], qs: list[torch.Tensor]) -> float:
+    """JSD(student || teacher) averaged over questions."""
+    return sum(jsd(p, q) for p, q in zip(ps, qs)) / max(len(ps), 1)
+
+
+def ece(dists: list[torch.Tensor], gold: list[int], n_bins: int = 15) -> float:
+    """Expected calibration error: confidence = max candidate prob, correct = argmax == gold; equal-width bins
+    (k/n_bins, (k+1)/n_bins]; sum over bins of (bin size / n) * |accuracy - mean confidence|."""
+    conf = torch.tensor([float(d.max()) for d in dists], dtype=torch.float64)
+    hit = torch.tensor([float(int(d.argmax()) == g) for d, g in zip(dists, gold)], dtype=torch.float64)
+    bins = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    total = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            total += float(sel.sum()) / len(dists) * abs(float(hit[sel].mean() - conf[sel].mean()))
+    return total
+
+
+def calibration(view: VLMView, samples: list[Sample], teacher_dists: list[torch.Tensor] | None = None,
+                batch_size: int = 64) -> dict:
+    """{'ece', 'candidate_accuracy', and 'jsd' to `teacher_dists` if given} for one model on `samples`."""
+    dists = answer_distributions(view, samples, batch_size)
+    gold = [gold_index(s) for s in samples]
+    out = {"ece": ece(dists, gold),
+           "candidate_accuracy": sum(int(d.argmax()) == g for d, g in zip(dists, gold)) / max(len(gold), 1)}
+    if teacher_dists is not None:
+        out["jsd"] = mean_jsd(dists, teacher_dists)
+    out["dists"] = dists
+    return out
+

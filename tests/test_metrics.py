@@ -1,0 +1,73 @@
+"""Candidate answer sets, answer distributions, JSD and ECE."""
+import math
+
+import pytest
+import torch
+
+from minigenrecal import metrics as M
+from minigenrecal.data import make_split
+
+
+def test_candidate_sets_contain_gold_for_a_large_split():
+    sizes = {}
+    for s in make_split(0, "test", 3000) + make_split(3, "train", 1000):
+        c = M.candidates(s.question)
+        assert s.answer in c, (s.question, s.answer, c)
+        assert len(set(c)) == len(c)
+        sizes[len(c)] = sizes.get(len(c), 0) + 1
+    assert set(sizes) == {13, 5}  # cell questions and the count-like ones
+
+
+def test_candidates_reject_unknown_question():
+    with pytest.raises(ValueError, match="no candidate"):
+        M.candidates("What colour is the sky?")
+
+
+def test_jsd_hand_computed():
+    p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert M.jsd(p, q) == pytest.approx(math.log(2))
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.75, 0.25])
+    m = [0.625, 0.375]
+    ref = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + \
+        0.5 * (0.75 * math.log(0.75 / m[0]) + 0.25 * math.log(0.25 / m[1]))
+    assert M.jsd(p, q) == pytest.approx(ref)
+    assert M.jsd(q, p) == pytest.approx(ref)  # symmetric
+    assert M.mean_jsd([p, p], [q, p]) == pytest.approx(ref / 2)
+
+
+def test_ece_hand_computed():
+    dists = [torch.tensor([0.9, 0.1]), torch.tensor([0.8, 0.2]), torch.tensor([0.3, 0.7]), torch.tensor([0.5, 0.5])]
+    gold = [0, 1, 1, 1]
+    # conf 0.9 (hit), 0.8 (miss), 0.7 (hit), 0.5 (argmax 0: miss); 15 bins of width 1/15
+    # bins: 0.9 -> (13/15, 14/15]; 0.8 -> (11/15, 12/15]; 0.7 -> (10/15, 11/15]; 0.5 -> (7/15, 8/15]: all separate
+    ref = (abs(1 - 0.9) + abs(0 - 0.8) + abs(1 - 0.7) + abs(0 - 0.5)) / 4
+    assert M.ece(dists, gold) == pytest.approx(ref)
+    # two samples in one bin: |mean acc - mean conf| weighted by bin share
+    d2 = [torch.tensor([0.95, 0.05]), torch.tensor([0.97, 0.03])]
+    assert M.ece(d2, [0, 1]) == pytest.approx(abs(0.5 - 0.96))
+
+
+@pytest.mark.slow
+def test_model_distributions_and_self_jsd_zero(tiny_pair):
+    teacher, make_student = tiny_pair
+    test = make_split(0, "test", 6)
+    for view in (teacher, make_student(0)):
+        d = M.answer_distributions(view, test)
+        assert [len(x) for x in d] == [len(M.candidates(s.question)) for s in test]
+        assert all(abs(float(x.sum()) - 1) < 1e-9 and (x > 0).all() for x in d)
+        assert M.mean_jsd(d, M.answer_distributions(view, test, batch_size=5)) == pytest.approx(0.0, abs=1e-9)
+    # different models (different tokenizers): a positive divergence
+    assert M.mean_jsd(M.answer_distributions(teacher, test), M.answer_distributions(make_student(0), test)) > 0
+
+
+def test_candidate_logprob_matches_full_sequence_score(tiny_pair):
+    """A candidate's score equals the sum of the model's log-probs of its answer tokens, computed directly."""
+    teacher, _ = tiny_pair
+    s = make_split(0, "test", 1)[0]
+    lp = M.candidate_logprobs(teacher, [s])[0]
+    k = M.gold_index(s)
+    e = teacher.encode(s)  # the gold answer's own rendering
+    with torch.no_grad():
+        logits = teacher.model(input_ids=e.input_ids[None], **e.vision).logits[0].log_softmax(-1)
+    ref = sum(logits[e.q_len - 1 + j, e.input_ids[e.q_len + j]].item() for j in range(e.a_len))
+    assert lp[k].item() == pytest.approx(ref, abs=1e-4)
