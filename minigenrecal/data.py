@@ -54,8 +54,10 @@ def _count_phrase(n: int, noun: str) -> str:
 
 def make_qa(cells: list[tuple[str, str] | None], rng: random.Random) -> tuple[str, str]:
     """Pick one question about the scene; every answer needs the image."""
-    kind = rng.randrange(5)
+    kind = rng.randrange(6)
     present = [c for c in cells if c is not None]
+    if kind == 5:  # a caption: every cell, in reading order (dense supervision of what is where)
+        return "Describe the grid.", ", ".join("nothing" if c is None else f"{c[0]} {c[1]}" for c in cells)
     if kind == 0:
         k = rng.randrange(4)
         c = cells[k]

@@ -30,6 +30,7 @@ class StageConfig:
     w_kl: float = 1.0  # KL to the teacher's logits
     w_student: float = 1.0  # the student's own CE (stages 2 and 3)
     train_vision: bool = False  # paper: the student's vision encoder is always frozen; True only for random-init toys
+    vision_lr_scale: float = 1.0  # LR multiplier for a trained vision encoder (its patch embedding has a huge fan-in)
     reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2 per METHOD decision 6)
     chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
     seed: int = 0
@@ -178,7 +179,10 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     if teacher_head is not None:
         teacher_head.requires_grad_(False)
     module = GenRecal(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vision = {id(p) for p in student_groups(student.model)["vision"]}
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in vision], "lr": cfg.lr * cfg.vision_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     decay = lambda s: 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(cfg.seed + stage)
