@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .losses import TeacherOut, answer_rows, head_losses, kl_from_logits
-from .stages import PairData, StageConfig, make_collate, set_trainable, teacher_forward
+from .stages import PairData, StageConfig, make_collate, set_trainable, student_groups, teacher_forward
 from .vlm import VLMView
 
 METHODS = ("same_tokenizer_kd", "uld", "linear_projector")
@@ -106,10 +106,14 @@ def train_baseline(method: str, student: VLMView, data: PairData, cfg: StageConf
     t_head = teacher.head
     params = set_trainable(3, student.model, None, teacher.model, cfg.train_vision)  # student LLM + projector (+ vision)
     t_head.requires_grad_(False)
-    proj = nn.Linear(student.d, teacher.d) if method == "linear_projector" else None
+    dev = next(student.model.parameters()).device
+    proj = nn.Linear(student.d, teacher.d).to(dev) if method == "linear_projector" else None
     if proj is not None:
         params += list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vision = {id(p) for p in student_groups(student.model)["vision"]}  # the same LR groups as stages.train_stage
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in vision], "lr": cfg.lr * cfg.vision_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     decay = lambda s: 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(cfg.seed + 3)  # the same data order as a stage-3 (SFT) run of this seed
@@ -125,7 +129,8 @@ def train_baseline(method: str, student: VLMView, data: PairData, cfg: StageConf
             it = iter(loader)
             s_batch, t_batch, idx = next(it)
         # 2. the frozen teacher's answer features, then the method's loss
-        t = teacher_fn(t_batch, idx)
+        s_batch = {k: v.to(dev) for k, v in s_batch.items()}
+        t = teacher_fn(None if t_batch is None else {k: v.to(dev) for k, v in t_batch.items()}, idx).to(dev)
         terms = baseline_terms(method, student, s_batch, t, t_head, cfg, proj)
         # 3. step
         terms["loss"].backward()

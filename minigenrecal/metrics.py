@@ -10,6 +10,7 @@ Every question of the synthetic task has a small closed set of possible answers,
 | How many {shape}s are there?               | zero {shape}s .. four {shape}s       -> 5         |
 | How many shapes are there in total?        | zero shapes .. four shapes           -> 5         |
 | What is the number of shapes plus {k}?     | NUMBERS[k + 0] .. NUMBERS[k + 4]     -> 5         |
+| Describe the grid.                         | open (13^4 captions): left out of JSD and ECE     |
 
 Each model scores each candidate's full answer sequence (its own answer tokens + end-of-turn) given the question
 and the image; a softmax over the candidates' sequence log-probabilities is that model's answer distribution.
@@ -28,8 +29,16 @@ from .evaluate import exact_match, normalize
 from .losses import answer_rows
 from .vlm import Encoded, VLMView
 
-__all__ = ["candidates", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index"]
+__all__ = ["candidates", "is_closed", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index"]
 MAX_COUNT = 4  # a 2x2 grid holds at most four shapes
+
+
+OPEN_QUESTIONS = ("Describe the grid.",)  # too many possible answers to score each one; exact match only
+
+
+def is_closed(s: Sample) -> bool:
+    """Whether the sample's question has a closed candidate set (JSD and ECE are computed on these only)."""
+    return s.question.strip() not in OPEN_QUESTIONS
 
 
 def candidates(question: str) -> list[str]:
@@ -116,10 +125,12 @@ def ece(dists: list[torch.Tensor], gold: list[int], n_bins: int = 15) -> float:
 
 def calibration(view: VLMView, samples: list[Sample], teacher_dists: list[torch.Tensor] | None = None,
                 batch_size: int = 64) -> dict:
-    """{'ece', 'candidate_accuracy', and 'jsd' to `teacher_dists` if given} for one model on `samples`."""
+    """{'ece', 'candidate_accuracy', 'n_closed', and 'jsd' to `teacher_dists` if given} for one model on the
+    closed-set questions of `samples` (open caption questions are left out; `teacher_dists` are over the same)."""
+    samples = [s for s in samples if is_closed(s)]
     dists = answer_distributions(view, samples, batch_size)
     gold = [gold_index(s) for s in samples]
-    out = {"ece": ece(dists, gold),
+    out = {"ece": ece(dists, gold), "n_closed": len(samples),
            "candidate_accuracy": sum(int(d.argmax()) == g for d, g in zip(dists, gold)) / max(len(gold), 1)}
     if teacher_dists is not None:
         out["jsd"] = mean_jsd(dists, teacher_dists)

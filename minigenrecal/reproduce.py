@@ -140,7 +140,8 @@ def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log
 def evaluate_row(view: VLMView, ctx: Context) -> dict:
     em = exact_match(view, ctx.eval_samples)["accuracy"]
     cal = calibration(view, ctx.eval_samples, ctx.teacher_dists or None)
-    return {"accuracy": em, "jsd": cal.get("jsd", 0.0), "ece": cal["ece"], "candidate_accuracy": cal["candidate_accuracy"]}
+    return {"accuracy": em, "jsd": cal.get("jsd", 0.0), "ece": cal["ece"], "candidate_accuracy": cal["candidate_accuracy"],
+            "n_closed": cal["n_closed"]}
 
 
 def run_genrecal_variant(ctx: Context, plan: Plan, seed: int, n: int, depth: int = 2, answer_input: str = "features",
@@ -207,7 +208,8 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
         cal = calibration(ctx.teacher, ctx.eval_samples)
         ctx.teacher_dists = cal["dists"]  # the reference distributions of every JSD
         add("teacher", None, None, {"accuracy": exact_match(ctx.teacher, ctx.eval_samples)["accuracy"], "jsd": 0.0,
-                                    "ece": cal["ece"], "candidate_accuracy": cal["candidate_accuracy"]}, time.time() - t0)
+                                    "ece": cal["ece"], "candidate_accuracy": cal["candidate_accuracy"],
+                                    "n_closed": cal["n_closed"]}, time.time() - t0)
         for seed in plan.seeds:
             n = plan.n_train
             t0 = time.time()
@@ -361,7 +363,7 @@ def write_report(result: dict, out: Path) -> str:
           f"Total runtime: {result['runtime_seconds'] / 60:.1f} min ({result['runtime_seconds']:.0f} s).", "",
           f"Accuracy is greedy exact match on {b['n_eval']} samples of the {b['eval_split']} split; JSD (x100, to the "
           "teacher) and ECE (15 bins) use each model's distribution over the question's closed candidate-answer set "
-          "(`minigenrecal/metrics.py`). Mean ± std over seeds " + ", ".join(map(str, seeds)) + ". "
+          "(`minigenrecal/metrics.py`); the open caption questions ('Describe the grid.') count in accuracy only. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ". "
           "The paper's figures are for 8B-scale students on real benchmarks: compare directions, not values.", "",
           "| method | train size | accuracy (%) | JSD x100 | ECE | seconds/run | paper's figure |",
           "|---|---|---|---|---|---|---|"]

@@ -10,7 +10,9 @@ from minigenrecal.data import make_split
 
 def test_candidate_sets_contain_gold_for_a_large_split():
     sizes = {}
-    for s in make_split(0, "test", 3000) + make_split(3, "train", 1000):
+    closed = [s for s in make_split(0, "test", 3000) + make_split(3, "train", 1000) if M.is_closed(s)]
+    assert 3000 < len(closed) < 4000  # the open caption questions are the only ones left out
+    for s in closed:
         c = M.candidates(s.question)
         assert s.answer in c, (s.question, s.answer, c)
         assert len(set(c)) == len(c)
@@ -21,6 +23,17 @@ def test_candidate_sets_contain_gold_for_a_large_split():
 def test_candidates_reject_unknown_question():
     with pytest.raises(ValueError, match="no candidate"):
         M.candidates("What colour is the sky?")
+    with pytest.raises(ValueError, match="no candidate"):
+        M.candidates("Describe the grid.")  # open: exact match only
+
+
+def test_calibration_skips_open_questions(tiny_pair):
+    teacher, _ = tiny_pair
+    test = make_split(0, "test", 12)
+    n_open = sum(not M.is_closed(s) for s in test)
+    assert n_open > 0
+    cal = M.calibration(teacher, test)
+    assert cal["n_closed"] == len(test) - n_open == len(cal["dists"])
 
 
 def test_jsd_hand_computed():
@@ -50,7 +63,7 @@ def test_ece_hand_computed():
 @pytest.mark.slow
 def test_model_distributions_and_self_jsd_zero(tiny_pair):
     teacher, make_student = tiny_pair
-    test = make_split(0, "test", 6)
+    test = [s for s in make_split(0, "test", 12) if M.is_closed(s)][:6]
     for view in (teacher, make_student(0)):
         d = M.answer_distributions(view, test)
         assert [len(x) for x in d] == [len(M.candidates(s.question)) for s in test]
@@ -63,7 +76,7 @@ def test_model_distributions_and_self_jsd_zero(tiny_pair):
 def test_candidate_logprob_matches_full_sequence_score(tiny_pair):
     """A candidate's score equals the sum of the model's log-probs of its answer tokens, computed directly."""
     teacher, _ = tiny_pair
-    s = make_split(0, "test", 1)[0]
+    s = next(s for s in make_split(0, "test", 20) if M.is_closed(s))
     lp = M.candidate_logprobs(teacher, [s])[0]
     k = M.gold_index(s)
     e = teacher.encode(s)  # the gold answer's own rendering
