@@ -25,6 +25,7 @@ class StageConfig:
     lr: float = 1e-4
     lr_end: float = 1e-5
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # the paper has none; the from-scratch tiny teacher uses some
     tau: float = 1.0  # KL temperature; KL is scaled by tau^2, CE never is
     w_ce: float = 1.0  # CE through the teacher head
     w_kl: float = 1.0  # KL to the teacher's logits
@@ -183,7 +184,10 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     groups = [{"params": [p for p in params if id(p) not in vision], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in vision], "lr": cfg.lr * cfg.vision_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    decay = lambda s: 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
+    def decay(s):  # optional linear warmup (0 by default, as in the paper), then linear lr -> lr_end
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        return 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(cfg.seed + stage)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=len(data) >= cfg.batch_size,

@@ -133,7 +133,8 @@ def load_teacher(path: str | Path = TEACHER_DIR):
 
 
 def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int = 20000, batch_size: int = 32,
-                  lr: float = 1e-3, lr_end: float = 5e-5, seed: int = 0, n_val: int = 500, log=print) -> dict:
+                  lr: float = 7e-4, lr_end: float = 5e-5, warmup: int = 200, vision_lr_scale: float = 0.3,
+                  seed: int = 0, n_val: int = 500, log=print) -> dict:
     """Train the tiny teacher with its own CE on the synthetic train split and save it (fp16 weights, < 10 MB).
 
     This is what `python -m minigenrecal make-teacher` runs; its exact arguments are saved beside the weights.
@@ -148,7 +149,8 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     model, proc = build_teacher(seed)
     view = VLMView(model, proc, name="teacher")
     data = PairData([view.encode(s) for s in make_split(seed, "train", n_train)])
-    cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed, train_vision=True)
+    cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed, train_vision=True,
+                      warmup_steps=warmup, vision_lr_scale=vision_lr_scale)
     hist = train_stage(3, view, data, cfg)
     val = exact_match(view, make_split(seed, "val", n_val))["accuracy"]
     log(f"teacher val exact-match: {val:.3f} after {steps} steps (final loss {hist[-1]['loss']:.4f})")
@@ -158,7 +160,8 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     model.float()
     info = {"command": f"python -m minigenrecal make-teacher --out {out.name} --steps {steps} --n-train {n_train} "
                        f"--seed {seed}", "val_accuracy": val, "steps": steps, "n_train": n_train,
-            "batch_size": batch_size, "lr": lr, "lr_end": lr_end, "seed": seed, "final_loss": hist[-1]["loss"]}
+            "batch_size": batch_size, "lr": lr, "lr_end": lr_end, "warmup": warmup, "vision_lr_scale": vision_lr_scale,
+            "seed": seed, "final_loss": hist[-1]["loss"]}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
