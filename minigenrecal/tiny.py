@@ -3,7 +3,7 @@
 |                | teacher (large, l)            | student (small, s)                 |
 |----------------|-------------------------------|------------------------------------|
 | model class    | LlavaForConditionalGeneration | Idefics3ForConditionalGeneration   |
-| tokenizer      | byte-level BPE, 384 tokens    | Unigram, 256 tokens                |
+| tokenizer      | byte-level BPE, 384 tokens    | Unigram, 165 tokens (trainer stops there) |
 | chat template  | ChatML (<|im_start|> ...)     | Idefics3 ("User:...<end_of_utterance>") |
 | image pipeline | CLIP, 64 px, 32-px patches    | SigLIP, 48 px, 8-px patches, pixel shuffle x2 |
 | image tokens   | 4 (one per grid cell)         | 9 (+3 wrapper tokens)              |
@@ -158,7 +158,8 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     model.half().save_pretrained(out)
     proc.save_pretrained(out)
     model.float()
-    info = {"command": f"python -m minigenrecal make-teacher --out {out.name} --steps {steps} --n-train {n_train} "
+    where = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+    info = {"command": f"python -m minigenrecal make-teacher --out {where} --steps {steps} --n-train {n_train} "
                        f"--seed {seed}", "val_accuracy": val, "steps": steps, "n_train": n_train,
             "batch_size": batch_size, "lr": lr, "lr_end": lr_end, "warmup": warmup, "vision_lr_scale": vision_lr_scale,
             "seed": seed, "final_loss": hist[-1]["loss"]}
