@@ -37,26 +37,6 @@ class InternVLTileProcessor(SimpleProcessor):
     def __init__(self, tokenizer, image_processor, image_seq_length: int = 256, image_token: str = "<IMG_CONTEXT>"):
         super().__init__(tokenizer, image_processor, "internvl", image_token, image_seq_length)
 
-    def __call__(self, text, images=None, return_tensors="pt", padding=False, padding_side="right"):
-        flat = [im for group in (images or []) for im in (group if isinstance(group, (list, tuple)) else [group])]
-        vis = dict(self.image_processor(flat, return_tensors="pt")) if flat else {}
-        tiles = [int(n) for n in vis.pop("num_patches", [1] * len(flat))]
-        k, expanded = 0, []
-        for t in text:
-            parts = t.split(self.image_token)
-            if k + len(parts) - 1 > len(flat):
-                raise ValueError(f"more {self.image_token} placeholders than images ({len(flat)})")
-            out = parts[0]
-            for p in parts[1:]:
-                out += self.image_token * (self.image_seq_length * tiles[k]) + p
-                k += 1
-            expanded.append(out)
-        if k != len(flat):
-            raise ValueError(f"{len(flat)} images but {k} {self.image_token} placeholders")
-        enc = dict(self.tokenizer(expanded, return_tensors=return_tensors, padding=padding,
-                                  padding_side=padding_side, add_special_tokens=False))
-        return {**enc, **vis}
-
 
 def internvl_image_processor(tile: int = 448, max_tiles: int = 12):
     """InternVL2.5's dynamic tiling (closest aspect-ratio grid of `tile`-px tiles, + a thumbnail), ImageNet norm."""

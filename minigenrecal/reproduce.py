@@ -84,7 +84,7 @@ class Plan:
                                "and the data order", "note": self.note}
 
 
-def make_plan(seeds: list[int], quick: bool = False, steps_scale: float = 0.5, n_train: int = 1000,
+def make_plan(seeds: list[int], quick: bool = False, steps_scale: float = 1.0, n_train: int = 1000,
               sizes: list[int] | None = None, n_test: int = 300, eval_split: str = "test", batch_size: int = 32) -> Plan:
     """Stage budgets = the tiny preset's, with steps x `steps_scale`; baselines get stage 2 + stage 3 student steps."""
     p = get_preset("tiny")
@@ -419,13 +419,13 @@ def add_command(sub) -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--out", default="results")
     r.add_argument("--quick", action="store_true", help="one seed, a few steps, few samples (a smoke test)")
-    r.add_argument("--steps-scale", type=float, default=0.5, help="x the tiny preset's steps per stage")
+    r.add_argument("--steps-scale", type=float, default=1.0, help="x the tiny preset's steps per stage")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--n-train", type=int, default=1000)
     r.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 4000], help="data-scale sweep sizes")
     r.add_argument("--n-test", type=int, default=300)
     r.add_argument("--eval-split", default="test", choices=["test", "val"])
-    r.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    r.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 if the machine is shared)")
     r.add_argument("--teacher-dir", default=None)
 
     def run(a):

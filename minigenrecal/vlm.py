@@ -45,23 +45,24 @@ class SimpleProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.chat_template = tokenizer.chat_template
 
+    def tokens_per_image(self, vis: dict, k: int, tiles: list[int]) -> int:
+        """Image tokens for image k: Qwen2-VL's merged grid, or InternVL's fixed count per tile."""
+        if self.family == "qwen2vl":
+            return int(vis["image_grid_thw"][k].prod()) // self.image_processor.merge_size ** 2
+        return self.image_seq_length * tiles[k]
+
     def __call__(self, text, images=None, return_tensors="pt", padding=False, padding_side="right"):
         flat = [im for group in (images or []) for im in (group if isinstance(group, (list, tuple)) else [group])]
         vis = dict(self.image_processor(flat, return_tensors="pt")) if flat else {}
-        vis.pop("num_patches", None)  # InternVL: one tile per image here (crop_to_patches=False)
-        k = 0
-        expanded = []
+        tiles = [int(n) for n in vis.pop("num_patches", [1] * len(flat))]  # InternVL: tiles per image
+        k, expanded = 0, []
         for t in text:
             parts = t.split(self.image_token)
+            if k + len(parts) - 1 > len(flat):
+                raise ValueError(f"more {self.image_token} placeholders than images ({len(flat)})")
             out = parts[0]
             for p in parts[1:]:
-                if k >= len(flat):
-                    raise ValueError(f"more {self.image_token} placeholders than images ({len(flat)})")
-                if self.family == "qwen2vl":
-                    n = int(vis["image_grid_thw"][k].prod()) // self.image_processor.merge_size ** 2
-                else:
-                    n = self.image_seq_length
-                out += self.image_token * n + p
+                out += self.image_token * self.tokens_per_image(vis, k, tiles) + p
                 k += 1
             expanded.append(out)
         if k != len(flat):
