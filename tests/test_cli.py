@@ -1,0 +1,29 @@
+"""The command line: `evaluate` prints one JSON line whose accuracy matches the library's exact match."""
+import json
+import subprocess
+import sys
+
+from minigenrecal.data import make_split
+from minigenrecal.evaluate import exact_match, normalize
+
+
+def test_evaluate_prints_one_json_line(tmp_path):
+    from minigenrecal.tiny import load_teacher
+    from minigenrecal.vlm import VLMView
+    model, proc = load_teacher()  # the shipped teacher: a real, non-trivial accuracy to reproduce
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "minigenrecal", "evaluate", "--student", str(tmp_path),
+                          "--data-seed", "4", "--n", "20"], capture_output=True, text=True, check=True)
+    lines = [l for l in out.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, out.stdout
+    res = json.loads(lines[0])
+    ref = exact_match(VLMView(model, proc), make_split(4, "test", 20))
+    assert res["n"] == 20 and res["data_seed"] == 4
+    assert abs(res["accuracy"] - ref["accuracy"]) < 1e-9
+    assert res["accuracy"] > 0.5  # the shipped teacher knows the task
+
+
+def test_normalize_is_lenient_only_about_case_space_and_final_period():
+    assert normalize("  Two  Shapes. ") == "two shapes"
+    assert normalize("two shape") != normalize("two shapes")
