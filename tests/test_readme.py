@@ -24,3 +24,22 @@ def test_every_module_in_the_readme_table_exists():
     table = readme.split("| module | what it holds |", 1)[1].split("\n\n", 1)[0]
     for name in re.findall(r"`(\w+\.py)`", table):
         assert (ROOT / "minigenrecal" / name).exists(), name
+
+
+def test_readme_results_match_the_committed_reproduction():
+    """Every 'method | mean ± std' row quoted in the README equals the mean over seeds in results/tiny.json."""
+    import json
+    import statistics
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results at toy scale", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\d+\.\d) ± (\d+\.\d) \|", section, re.M)
+    assert len(rows) >= 6, "the README should quote the headline rows"
+    data = json.loads((ROOT / "results" / "tiny.json").read_text())
+    n = data["budgets"]["n_train"]
+    for method, mean, std in rows:
+        xs = [100 * r["accuracy"] for r in data["rows"] if r["method"] == method
+              and (r["train_size"] in (n, None))]
+        assert xs, method
+        assert abs(statistics.fmean(xs) - float(mean)) < 0.051, (method, statistics.fmean(xs), mean)
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        assert abs(sd - float(std)) < 0.051, (method, sd, std)
