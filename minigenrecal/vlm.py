@@ -76,7 +76,7 @@ class SimpleProcessor:
 
 def _image_token_id(model, processor) -> int:
     for obj in (processor, model.config):
-        for name in ("image_token_id", "image_token_index", "image_token_id"):
+        for name in ("image_token_id", "image_token_index"):
             v = getattr(obj, name, None)
             if isinstance(v, int):
                 return v

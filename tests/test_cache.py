@@ -60,12 +60,16 @@ def test_cache_bf16_equals_rounded_live(pair, tmp_path):
     _same(TeacherCache(tmp_path, dtype=torch.float32).teacher_out(idx), rounded)
 
 
+def _fp32_cache_and_recal(teacher, student, samples, path):
+    """An fp32 cache in batches of 4, and a Recalibrator with a fixed seed."""
+    build_cache(teacher, samples, path, batch_size=4, dtype="float32")
+    torch.manual_seed(0)
+    return TeacherCache(path), Recalibrator(teacher.d, student.text_config)
+
+
 def test_losses_from_cache_equal_live(pair, tmp_path):
     teacher, student, samples = pair
-    build_cache(teacher, samples, tmp_path, batch_size=4, dtype="float32")
-    cache = TeacherCache(tmp_path)
-    torch.manual_seed(0)
-    recal = Recalibrator(teacher.d, student.text_config)
+    cache, recal = _fp32_cache_and_recal(teacher, student, samples, tmp_path)
     idx = [4, 5, 6, 7]  # one of the cache's batches
     s_batch = student.collate([student.encode(samples[i]) for i in idx])
     for stage, cfg in [(1, StageConfig(tau=2.0)), (2, StageConfig(chunk_size=4))]:
@@ -78,10 +82,7 @@ def test_losses_from_cache_equal_live(pair, tmp_path):
 
 def test_stage1_trains_from_cache_without_teacher_body(pair, tmp_path):
     teacher, student, samples = pair
-    build_cache(teacher, samples, tmp_path, batch_size=4, dtype="float32")
-    cache = TeacherCache(tmp_path)
-    torch.manual_seed(0)
-    recal0 = Recalibrator(teacher.d, student.text_config)
+    cache, recal0 = _fp32_cache_and_recal(teacher, student, samples, tmp_path)
     r_live, r_cache = copy.deepcopy(recal0), copy.deepcopy(recal0)
     data = PairData([student.encode(s) for s in samples], [teacher.encode(s) for s in samples])
     cfg = StageConfig(steps=2, batch_size=4, lr=1e-3)
