@@ -47,7 +47,7 @@ def cmd_evaluate(a):
 
 def cmd_make_teacher(a):
     from .tiny import train_teacher
-    info = train_teacher(a.out, steps=a.steps, n_train=a.n_train, seed=a.seed)
+    info = train_teacher(a.out, steps=a.steps, n_train=a.n_train, seed=a.seed, threads=a.threads, task=a.task)
     print(json.dumps(info))
 
 
@@ -73,6 +73,8 @@ def main(argv=None):
     m.add_argument("--steps", type=int, default=3000)
     m.add_argument("--n-train", type=int, default=20000)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=1, help="torch threads; the same count gives the same weights")
+    m.add_argument("--task", default="shapes", choices=["shapes", "posterior"])
     m.set_defaults(fn=cmd_make_teacher)
     for extra in _extra_commands():
         extra(sub)

@@ -85,10 +85,18 @@ def make_sample(seed: int, split: str, index: int) -> Sample:
     return Sample(image=image, question=q, answer=a, id=f"{split}-{seed}-{index}")
 
 
-def make_split(seed: int, split: str, n: int, start: int = 0) -> list[Sample]:
-    """`n` samples of one split; train, val and test never share a scene."""
+TASKS = ("shapes",)  # see `make_split`
+
+
+def make_split(seed: int, split: str, n: int, start: int = 0, task: str = "shapes") -> list[Sample]:
+    """`n` samples of one split; train, val and test never share a scene.
+
+    `task`: 'shapes' (every answer determined by the image).
+    """
     if split not in SPLIT_OFFSET:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_OFFSET)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
     return [make_sample(seed, split, i) for i in range(start, start + n)]
 
 
