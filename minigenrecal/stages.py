@@ -33,6 +33,7 @@ class StageConfig:
     train_vision: bool = False  # paper: the student's vision encoder is always frozen; True only for random-init toys
     vision_lr_scale: float = 1.0  # LR multiplier for a trained vision encoder (its patch embedding has a huge fan-in)
     reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2 per METHOD decision 6)
+    train_recal: bool = True  # False freezes the Recalibrator in stage 2 (a diagnostic variant, not the paper's)
     chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
     seed: int = 0
 
@@ -56,7 +57,7 @@ def student_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teacher: nn.Module | None = None,
-                  train_vision: bool = False) -> list[nn.Parameter]:
+                  train_vision: bool = False, train_recal: bool = True) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze what `stage` trains; returns the trainable parameters.
 
     `train_vision` (off by default, as in the paper) also trains the student's vision encoder in stages 2-3;
@@ -66,7 +67,7 @@ def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teach
         if m is not None:
             m.requires_grad_(False)
     g = student_groups(student)
-    params = list(recal.parameters()) if stage in (1, 2) else []
+    params = list(recal.parameters()) if stage in (1, 2) and (train_recal or stage == 1) else []
     if stage in (2, 3):
         params += g["llm"] + g["projector"] + (g["vision"] if train_vision else [])
     for p in params:
@@ -176,7 +177,7 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
         if teacher_fn is None:
             teacher_fn = lambda tb, idx: teacher_forward(teacher, tb, answer_input)
     params = set_trainable(stage, student.model, recal if stage in (1, 2) else None,
-                           teacher.model if teacher is not None else None, cfg.train_vision)
+                           teacher.model if teacher is not None else None, cfg.train_vision, cfg.train_recal)
     if teacher_head is not None:
         teacher_head.requires_grad_(False)
     module = GenRecal(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None)
