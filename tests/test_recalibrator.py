@@ -68,13 +68,51 @@ def test_causal_and_right_padding_does_not_touch_real_tokens():
     assert not torch.allclose(out2[0, 6], out[0, 6])
 
 
-def test_npe_positions_restart_per_concatenation():
-    """NPE: the same content gives the same output wherever it came from: positions are 0..T-1 of the concat."""
+def _explicit(recal, z_q, z_a, shift=0):
+    """One sample by hand: [z_q, proj_pre(z_a)] -> blocks at positions shift .. shift+T-1 -> proj_post -> LayerNorm."""
+    x = torch.cat([z_q, z_a @ recal.proj_pre.weight.T + recal.proj_pre.bias])[None]  # (1, T, d_s)
+    pos = torch.arange(x.shape[1]) + shift
+    for blk in recal.blocks:
+        x = blk(x, pos)
+    y = x @ recal.proj_post.weight.T + recal.proj_post.bias  # (1, T, d_l)
+    mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+    return ((y - mu) / torch.sqrt(var + recal.norm.eps) * recal.norm.weight + recal.norm.bias)[0]
+
+
+def _recal_with_affine_norm():
     recal, _ = _small()
+    with torch.no_grad():  # a non-trivial LayerNorm affine, so the norm's parameters are exercised too
+        recal.norm.weight.copy_(torch.rand(48) + 0.5)
+        recal.norm.bias.copy_(torch.randn(48))
+    return recal
+
+
+def test_forward_is_proj_pre_then_blocks_at_arange_positions_then_proj_post_then_layernorm():
+    recal = _recal_with_affine_norm()
+    z_q = [torch.randn(3, 32), torch.randn(5, 32)]
+    z_a = [torch.randn(4, 48), torch.randn(1, 48)]
+    with torch.no_grad():
+        out = recal(z_q, z_a)
+        for b, (q, a) in enumerate(zip(z_q, z_a)):
+            ref = _explicit(recal, q, a)
+            torch.testing.assert_close(out[b, : len(ref)], ref, rtol=1e-4, atol=1e-5)
+            # undoing the LayerNorm affine leaves zero-mean rows at d_l
+            y = (out[b, : len(ref)] - recal.norm.bias) / recal.norm.weight
+            torch.testing.assert_close(y.mean(-1), torch.zeros(len(ref)), atol=1e-4, rtol=0)
+
+
+def test_npe_is_relative_shifting_positions_changes_nothing_and_dropping_rope_changes_the_output(monkeypatch):
+    """RoPE attention depends on position differences only: a constant shift of the NPE ids leaves the output
+    unchanged; without RoPE (positions ignored) the output changes, so the positions are really used."""
+    from minigenrecal import recalibrator
+    recal = _recal_with_affine_norm()
     q, a = torch.randn(4, 32), torch.randn(3, 48)
-    out1 = recal([q], [a])
-    out2 = recal([q, torch.randn(6, 32)], [a, torch.randn(1, 48)])
-    torch.testing.assert_close(out1[0], out2[0, :7])
+    with torch.no_grad():
+        out = recal([q], [a])[0]
+        torch.testing.assert_close(_explicit(recal, q, a, shift=11), out, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(recalibrator, "rope", lambda x, pos, theta: x)
+        no_rope = _explicit(recal, q, a)
+    assert (no_rope - out).abs().max() > 1e-2, "dropping RoPE must change the output"
 
 
 def test_no_embedding_or_head_of_its_own():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minigenrecal import viz
-from minigenrecal.losses import answer_rows, split_teacher
+from minigenrecal.losses import split_teacher
 from minigenrecal.recalibrator import Recalibrator
 
 
@@ -19,12 +19,13 @@ def test_boundary_rows_last_question_position_predicts_a0():
 
 
 @pytest.mark.parametrize("Lq,La", [(1, 2), (5, 2), (7, 6)])
-def test_boundary_rows_match_answer_rows(Lq, La):
+def test_boundary_rows_predict_from_the_last_question_position_on(Lq, La):
+    """METHOD.md decision 4: positions Lq-1 .. Lq+La-2 predict a_0 .. a_{La-1}, in order; the rest predict nothing."""
     rows = viz.boundary_rows(Lq, La)
-    predicting = [r["pos"] for r in rows if r["predicts"] is not None]
-    expected = answer_rows(torch.arange(Lq + La - 1)[None], torch.tensor([Lq]), torch.tensor([La])).tolist()
-    assert predicting == expected
-    assert rows[Lq - 1]["predicts"] == "a_0" and rows[-1]["predicts"] == f"a_{La - 1}"
+    assert len(rows) == Lq + La - 1
+    predicts = {r["pos"]: r["predicts"] for r in rows if r["predicts"] is not None}
+    assert predicts == {Lq - 1 + k: f"a_{k}" for k in range(La)}
+    assert [r["input"] for r in rows[Lq:]] == [f"P(a_{k})" for k in range(La - 1)]
 
 
 def test_cosine_matrix_against_hand_computed():

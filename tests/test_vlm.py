@@ -8,6 +8,10 @@ from minigenrecal.vlm import VLMView
 
 FAMILIES = {"llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
             "qwen2vl": "Qwen2VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}
+# image tokens per image, by hand from the tiny configs: Llava 64 px / 32-px patches = 2x2; Idefics3 48 px / 8-px
+# patches = 6x6, pixel shuffle x2 -> 9; Qwen2-VL 32x32 px / 8-px patches = 4x4, 2x2 merge -> 4; InternVL 32 px /
+# 8-px patches = 4x4, downsample 0.5 -> 4
+IMAGE_TOKENS = {"llava": 4, "idefics3": 9, "qwen2vl": 4, "internvl": 4}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -31,14 +35,19 @@ def test_head_of_body_is_logits_and_spans_decode(family):
         assert tok.decode(a_ids, skip_special_tokens=True).strip() == s.answer
         assert int(a_ids[-1]) in view.eot_ids  # the answer span ends with the end-of-turn token
         assert all(int(t) not in view.eot_ids for t in a_ids[:-1])
-        assert int((e.input_ids[: e.q_len] == view.image_token_id).sum()) == view.expected_image_tokens(e.vision)
+        n_img = int((e.input_ids[: e.q_len] == view.image_token_id).sum())
+        assert n_img == IMAGE_TOKENS[family] == view.expected_image_tokens(e.vision)
 
 
 def test_qwen2vl_batch_carries_mm_token_type_ids():
     model, proc = build_tiny_vlm("qwen2vl")
     view = VLMView(model, proc)
     batch = view.collate([view.encode(s) for s in make_split(0, "train", 2)])
-    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == view.image_token_id).long())
+    # reference: the positions whose token STRING is Qwen2-VL's image placeholder, 4 per sample (IMAGE_TOKENS)
+    for ids, mm in zip(batch["input_ids"], batch["mm_token_type_ids"]):
+        is_image = [t == "<|image_pad|>" for t in view.tokenizer.convert_ids_to_tokens(ids.tolist())]
+        assert mm.tolist() == [int(x) for x in is_image]
+        assert sum(is_image) == IMAGE_TOKENS["qwen2vl"]
 
 
 def test_tiny_pair_differs_in_every_way(tiny_pair):

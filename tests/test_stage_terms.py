@@ -1,0 +1,202 @@
+"""Each stage's loss terms against an independent composition, and where each term's gradient goes in stage 2."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigenrecal.losses import TeacherOut, recal_path
+from minigenrecal.recalibrator import Recalibrator
+from minigenrecal.stages import StageConfig, set_trainable, stage_loss, student_groups, teacher_forward
+
+TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
+
+
+class FeatureSpy:
+    """A student view that keeps its body's output (B, T_s, d_s), so the gradient at each feature can be read."""
+
+    def __init__(self, view):
+        self.view, self.model, self.z = view, view.model, None
+
+    def body(self, batch):
+        self.z = self.view.body(batch)
+        if self.z.requires_grad:
+            self.z.retain_grad()
+        return self.z
+
+    def student_ce(self, z, batch):
+        return self.view.student_ce(z, batch)
+
+
+def _model_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in ("q_lens", "a_lens")}
+
+
+def _answer_ce_from_logits(logits, batch):
+    """The student's CE from its own full-model logits: position Lq-1+j predicts answer token j."""
+    rows, labels = [], []
+    for b, (q, a) in enumerate(zip(batch["q_lens"].tolist(), batch["a_lens"].tolist())):
+        rows.append(logits[b, q - 1: q + a - 1])
+        labels.append(batch["input_ids"][b, q: q + a])
+    return F.cross_entropy(torch.cat(rows).float(), torch.cat(labels))
+
+
+def _ce_kl_reference(h, t, head, tau):
+    """CE of head(h) against the labels, and tau^2 * mean_r KL(p_teacher(r) || p_h(r)) at temperature tau."""
+    s = h @ head.weight.T + head.bias  # (N, V_l)
+    z = t.z_pred @ head.weight.T + head.bias  # (N, V_l) the teacher's logits
+    ce = -s.log_softmax(-1).gather(1, t.labels[:, None]).mean()
+    log_pt, log_ps = (z / tau).log_softmax(-1), (s / tau).log_softmax(-1)
+    return ce, (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * tau ** 2
+
+
+# -- 1. the loss of a stage equals the weighted sum of independently composed terms ------------------------
+@pytest.fixture(scope="module")
+def handmade(tiny_pair, samples):
+    """A real tiny student, a Recalibrator on an EQUAL-width teacher (d_l = d_s, so a skipped proj_pre cannot
+    crash), a hand-made frozen head with bias and a hand-made TeacherOut."""
+    _, make_student = tiny_pair
+    student = make_student(seed=1)
+    s_batch = student.collate([student.encode(s) for s in samples[:2]])
+    d, V_l, Lq_l, La = student.d, 23, (5, 3), (3, 4)
+    g = torch.Generator().manual_seed(0)
+    t = TeacherOut(z_q=[torch.randn(q, d, generator=g) for q in Lq_l],
+                   z_a=[torch.randn(a - 1, d, generator=g) for a in La],
+                   z_pred=torch.randn(sum(La), d, generator=g) * 3, labels=torch.randint(0, V_l, (sum(La),), generator=g),
+                   a_lens=torch.tensor(La))
+    torch.manual_seed(0)
+    recal = Recalibrator(d, student.text_config).eval()
+    head = nn.Linear(d, V_l).requires_grad_(False)
+    return student, recal, head, s_batch, t
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_loss_is_the_weighted_sum_of_independently_composed_terms(handmade, stage):
+    student, recal, head, s_batch, t = handmade
+    cfg = StageConfig(w_ce=0.3, w_kl=1.7, w_student=0.6, tau=2.0)
+    with torch.no_grad():
+        got = stage_loss(stage, student, recal, head, s_batch, t, cfg)
+        # main path, one sample at a time (no padding): [z_qs, proj_pre(z_a)] -> rows Lq_s-1 .. Lq_s+La-2
+        z_s = student.model.model(**_model_inputs(s_batch)).last_hidden_state
+        h = []
+        for b, (Lq_s, La) in enumerate(zip(s_batch["q_lens"].tolist(), t.a_lens.tolist())):
+            out = recal([z_s[b, :Lq_s]], [t.z_a[b]])[0]  # (Lq_s + La - 1, d_l)
+            h.append(out[Lq_s - 1: Lq_s + La - 1])
+        ce_main, kl_main = _ce_kl_reference(torch.cat(h), t, head, cfg.tau)
+        # regularization path: the TEACHER's question, brought to d_s by proj_pre
+        ce_reg, kl_reg = recal_path(recal, [recal.proj_pre(q) for q in t.z_q], t, head, cfg.tau)
+        ce_student = _answer_ce_from_logits(student.model(**_model_inputs(s_batch)).logits, s_batch)
+    ref = {"ce_main": ce_main, "kl_main": kl_main, "ce_reg": ce_reg, "kl_reg": kl_reg}
+    if stage == 2:
+        ref["ce_student"] = ce_student
+    assert set(got) == set(ref) | {"loss"}
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, msg=f"stage {stage}: {k} differs from its reference composition")
+    loss = cfg.w_ce * (ce_main + ce_reg) + cfg.w_kl * (kl_main + kl_reg) + (cfg.w_student * ce_student if stage == 2 else 0)
+    torch.testing.assert_close(got["loss"], loss, msg="loss != w_ce (CE main + reg) + w_kl (KL main + reg) + w_student CE")
+
+
+def test_each_weight_scales_only_its_own_terms(handmade):
+    """Setting one weight to 0 removes exactly its terms from the loss (the KL-only ablation has no CE)."""
+    student, recal, head, s_batch, t = handmade
+    with torch.no_grad():
+        full = stage_loss(2, student, recal, head, s_batch, t, StageConfig())
+        for w, terms in (("w_ce", ("ce_main", "ce_reg")), ("w_kl", ("kl_main", "kl_reg")), ("w_student", ("ce_student",))):
+            got = stage_loss(2, student, recal, head, s_batch, t, StageConfig(**{w: 0.0}))["loss"]
+            torch.testing.assert_close(got, full["loss"] - sum(full[k] for k in terms), msg=f"{w}=0 must drop {terms}")
+        no_reg = stage_loss(2, student, recal, head, s_batch, t, StageConfig(reg=False))
+    assert set(no_reg) == {"ce_main", "kl_main", "ce_student", "loss"}
+
+
+# -- 2. stage 2: each term's gradient on its own --------------------------------------------------------
+@pytest.fixture(scope="module")
+def stage2(tiny_pair, samples):
+    teacher, make_student = tiny_pair
+    student = make_student(seed=2)
+    torch.manual_seed(0)
+    recal = Recalibrator(teacher.d, student.text_config)
+    set_trainable(2, student.model, recal, teacher.model)
+    s_batch = student.collate([student.encode(s) for s in samples[:3]])
+    t = teacher_forward(teacher, teacher.collate([teacher.encode(s) for s in samples[:3]]))
+    return teacher, student, recal, s_batch, t
+
+
+def _backward_one_term(stage2, term, chunk_size):
+    """Backpropagate one stage-2 term alone; returns the gradient at the student features and who got gradients."""
+    teacher, student, recal, s_batch, t = stage2
+    everything = list(student.model.parameters()) + list(recal.parameters()) + list(teacher.model.parameters())
+    for p in everything:
+        p.grad = None
+    spy = FeatureSpy(student)
+    terms = stage_loss(2, spy, recal, teacher.head, s_batch, t, StageConfig(chunk_size=chunk_size))
+    terms[term].backward()
+    got = lambda ps: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in ps]
+    layers = [p for n, p in student.model.named_parameters() if ".layers." in n and "vision" not in n]
+    res = {"llm_layers": got(layers), "projector": got(student_groups(student.model)["projector"]),
+           "recal": got(recal.parameters()), "teacher": [p.grad is not None for p in teacher.model.parameters()],
+           "z_grad": None if spy.z.grad is None else spy.z.grad.norm(dim=-1)}  # (B, T_s)
+    for p in everything:
+        p.grad = None
+    return res
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("term", ["ce_main", "kl_main"])
+def test_stage2_distillation_terms_reach_the_student_llm_and_its_question_features(stage2, term, chunk_size):
+    g = _backward_one_term(stage2, term, chunk_size)
+    assert all(g["llm_layers"]), f"{term} must reach every student decoder layer"
+    assert all(g["projector"]), f"{term} must reach the student's vision projector (image tokens are in the question)"
+    assert all(g["recal"]), f"{term} must reach the Recalibrator"
+    assert g["z_grad"] is not None, f"{term} must reach the student's features"
+    for b, q in enumerate(stage2[3]["q_lens"].tolist()):
+        assert (g["z_grad"][b, :q] > 0).all(), f"{term}: every student question feature gets gradient"
+        assert (g["z_grad"][b, q:] == 0).all(), f"{term}: no student answer feature gets gradient"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_stage2_student_ce_reaches_the_student_at_its_answer_predicting_rows(stage2, chunk_size):
+    g = _backward_one_term(stage2, "ce_student", chunk_size)
+    assert all(g["llm_layers"]) and all(g["projector"]), "the student's own CE must reach the student"
+    assert not any(g["recal"]), "the student's own CE never reaches the Recalibrator"
+    s_batch = stage2[3]
+    for b, (q, a) in enumerate(zip(s_batch["q_lens"].tolist(), s_batch["a_lens"].tolist())):
+        rows = torch.zeros_like(g["z_grad"][b], dtype=torch.bool)
+        rows[q - 1: q + a - 1] = True  # Lq-1 .. Lq+La-2 predict the answer tokens
+        assert (g["z_grad"][b][rows] > 0).all() and (g["z_grad"][b][~rows] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("term", ["ce_reg", "kl_reg"])
+def test_stage2_regularization_terms_reach_the_recalibrator_and_not_the_student(stage2, term, chunk_size):
+    g = _backward_one_term(stage2, term, chunk_size)
+    assert all(g["recal"]), f"{term} must reach the Recalibrator"
+    assert not any(g["llm_layers"]) and not any(g["projector"]), f"{term} reads the teacher's question only"
+    assert g["z_grad"] is None or (g["z_grad"] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_no_stage2_term_reaches_the_teacher_or_its_head(stage2, chunk_size):
+    teacher, _, _, _, t = stage2
+    assert not any(x.requires_grad for x in [*t.z_q, *t.z_a, t.z_pred]), "the teacher's features carry no graph"
+    for term in TERMS:
+        g = _backward_one_term(stage2, term, chunk_size)
+        assert not any(g["teacher"]), f"{term} reached the teacher"
+        assert teacher.head.weight.grad is None and not teacher.head.weight.requires_grad, f"{term} reached the head"
+
+
+# -- 5. the answer input the Recalibrator reads ---------------------------------------------------------
+def test_teacher_forward_answer_embeddings_are_the_teachers_input_embeddings(tiny_pair, samples):
+    teacher, _ = tiny_pair
+    encs = [teacher.encode(s) for s in samples[:3]]
+    batch = teacher.collate(encs)
+    emb = teacher_forward(teacher, batch, answer_input="embeddings")
+    feat = teacher_forward(teacher, batch)
+    table = teacher.model.get_input_embeddings().weight  # (V_l, d_l)
+    for b, e in enumerate(encs):
+        a_ids = e.input_ids[e.q_len: e.q_len + e.a_len - 1]  # a_0 .. a_{La-2}
+        torch.testing.assert_close(emb.z_a[b], table[a_ids], msg="z_a must be the embedding rows of a_0..a_{La-2}")
+        assert not torch.allclose(feat.z_a[b], table[a_ids])
+    # only the answer input changes: the targets, labels and question features are the same
+    torch.testing.assert_close(emb.z_pred, feat.z_pred)
+    assert torch.equal(emb.labels, feat.labels)
+    for qe, qf in zip(emb.z_q, feat.z_q):
+        torch.testing.assert_close(qe, qf)
