@@ -1,11 +1,16 @@
 """`python -m minigenrecal bench --preset NAME --random-weights`: stage 1 and 2 step time, tokens/s, peak memory, MFU.
 
 Models are built from the config dimensions below (facts from the checkpoints' config.json; nothing is
-downloaded), random init, bf16 on CUDA (fp32 on CPU). What is timed is the real loss path (`stages.GenRecal`:
+downloaded), random init, directly in bf16 on CUDA (fp32 on CPU). What is timed is the real loss path (`stages.GenRecal`:
 teacher forward -> Recalibrator main + regularization paths through the frozen teacher head, chunked -> student CE)
 plus backward and a fused AdamW step. Only the language models are built: image tokens are ordinary positions of
 the question and the frozen vision encoders are left out (they run once per sample, frozen, in every stage).
-`--cache` drops the teacher body (features come from a teacher cache; the read itself is not timed).
+`--cache`: no teacher body is built at all, only its head (features come from a teacher cache; the read itself is
+not timed).
+
+Before building anything, `bench` prints an arithmetic memory estimate per GPU (`estimate_memory`) and refuses,
+with the estimate, when it exceeds the GPU's memory (`--force` builds anyway). `--estimate-only --gpus N` prints the
+estimate of every preset for N GPUs (weights, gradients and optimizer states sharded N ways as under ZeRO-3).
 
 MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s (989e12 for an H100 SXM, `--peak-tflops`), with
     model FLOPs = 6 * P * tokens   for every part that trains (forward + backward)
@@ -19,7 +24,9 @@ tokens/s = student tokens (B * T_s) per second.
 """
 from __future__ import annotations
 
-import math
+import contextlib
+import json
+import re
 import resource
 import statistics
 import time
@@ -30,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 H100_BF16_PEAK = 989e12
+GiB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -67,15 +75,42 @@ DIMS = {
 }
 
 
-def build_lm(dims: TextDims, dtype, device) -> nn.Module:
-    """A random-init causal LM with these dimensions (transformers' Qwen2 or Llama class)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Create parameters directly in `dtype` (no fp32 copy first)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def lm_config(dims: TextDims):
+    from transformers import LlamaConfig, Qwen2Config
     kw = dict(vocab_size=dims.vocab, hidden_size=dims.d, num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
               num_key_value_heads=dims.kv, intermediate_size=dims.ffn, tie_word_embeddings=dims.tied,
               max_position_embeddings=32768, attn_implementation="sdpa")
-    cls, cfg = (Qwen2ForCausalLM, Qwen2Config(**kw)) if dims.arch == "qwen2" else (LlamaForCausalLM, LlamaConfig(**kw))
-    with torch.device(device):
-        return cls(cfg).to(dtype)
+    return Qwen2Config(**kw) if dims.arch == "qwen2" else LlamaConfig(**kw)
+
+
+def _lm(dims: TextDims) -> nn.Module:
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    return (Qwen2ForCausalLM if dims.arch == "qwen2" else LlamaForCausalLM)(lm_config(dims))
+
+
+def build_lm(dims: TextDims, dtype, device) -> nn.Module:
+    """A random-init causal LM with these dimensions (transformers' Qwen2 or Llama class), created in `dtype`."""
+    with torch.device(device), _default_dtype(dtype):
+        return _lm(dims).to(dtype)
+
+
+def build_head(dims: TextDims, dtype, device) -> nn.Linear:
+    """The LM head alone (what stages 1-2 need from a cached teacher), random init like the model's."""
+    with torch.device(device), _default_dtype(dtype):
+        head = nn.Linear(dims.d, dims.vocab, bias=False)
+        nn.init.normal_(head.weight, std=0.02)
+    return head
 
 
 class TextView:
@@ -111,10 +146,98 @@ def _batch(B, Lq, La, V, device):
             "a_lens": torch.full((B,), La)}
 
 
+# -- memory: arithmetic estimate before building, measured peak after ------------------------------------
+def _param_counts(dims: TextDims) -> tuple[int, int]:
+    """(all parameters, LM-head parameters) of the LM, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        m = _lm(dims)
+    return sum(p.numel() for p in m.parameters()), m.get_output_embeddings().weight.numel()
+
+
+def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768, la: int = 256, lq_l: int | None = None,
+                    use_cache: bool = False, chunk: int | None = 1024, gpus: int = 1, scale: float = 1.0,
+                    weight_bytes: int = 2) -> dict:
+    """Arithmetic estimate (GiB per GPU) of what `bench` allocates for one stage; not a measurement.
+
+    Weights `weight_bytes` each (2: bf16 on CUDA), gradients and both AdamW states in the weights' dtype (as `bench`
+    trains), all three sharded `gpus` ways (ZeRO-3); the teacher head is whole on every GPU (gathered for the loss).
+    Activations kept for backward per token and layer: about (18 d + 4 ffn) values (attention inputs/outputs, the
+    gated MLP's three ffn-wide tensors, fp32 norm inputs). Teacher-head loss: chunked, two (N, d_l) fp32 gradients per
+    path plus three (chunk, V_l) fp32 buffers; naive, about eight (N, V_l) fp32 tensors per path. + 1 GiB for the CUDA
+    context and allocator slack.
+    """
+    from .config import get_preset
+    from .recalibrator import count_parameters
+    preset = get_preset(preset_name)
+    td, sd = DIMS[preset.teacher].scaled(scale), DIMS[preset.student].scaled(scale)
+    lq_l = lq_l or lq
+    wb = weight_bytes
+    P_t, P_th = _param_counts(td)
+    P_s, _ = _param_counts(sd)
+    P_r = count_parameters(td.d, lm_config(sd))
+    trained = P_r + (P_s if stage == 2 else 0)
+    T_s, T_l, N = batch * (lq + la), batch * (lq_l + la), batch * la
+    T_r = batch * (lq + la - 1) + batch * (lq_l + la - 1)
+    act = lambda T, d, ffn, layers: T * layers * (18 * d + 4 * ffn) * wb
+    parts = {
+        "teacher body": 0 if use_cache else (P_t - P_th) * wb / gpus,
+        "teacher head": P_th * wb,
+        "student": P_s * wb / gpus,
+        "recalibrator": P_r * wb / gpus,
+        "grads + AdamW": trained * 3 * wb / gpus,
+        "activations": (act(T_s, sd.d, sd.ffn, sd.layers) if stage == 2 else T_s * (4 * sd.d + 3 * sd.ffn) * wb)
+                       + act(T_r, sd.d, sd.ffn, 2) + (0 if use_cache else T_l * (4 * td.d + 3 * td.ffn) * wb),
+        "head loss": 2 * (2 * N * td.d * 4 + 3 * min(chunk, N) * td.vocab * 4) if chunk else 2 * 8 * N * td.vocab * 4,
+        "student CE": 3 * N * sd.vocab * 4 if stage == 2 else 0,
+        "overhead": GiB,
+    }
+    out = {k: v / GiB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def print_estimate(preset_name: str, stages, gpus: int = 1, **kw) -> dict[int, dict]:
+    est = {s: estimate_memory(preset_name, s, gpus=gpus, **kw) for s in stages}
+    keys = list(next(iter(est.values())))
+    print(f"memory estimate per GPU ({gpus} GPU(s), arithmetic, GiB) for {preset_name}"
+          f"{' from a teacher cache' if kw.get('use_cache') else ''}:")
+    print("| stage | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for s, e in est.items():
+        print(f"| {s} | " + " | ".join(f"{e[k]:.2f}" for k in keys) + " |")
+    return est
+
+
+class WillNotFit(RuntimeError):
+    """Raised before building when the memory estimate exceeds the device's memory."""
+
+
+def _cpu_peak_reset() -> None:
+    """Reset this process's peak resident set (Linux); `_cpu_peak` then reports the peak since this call."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _cpu_peak() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, la: int = 256, lq_l: int | None = None,
           steps: int = 5, chunk: int | None = 1024, use_cache: bool = False, stages=(1, 2),
-          peak_flops: float = H100_BF16_PEAK) -> list[dict]:
-    """Time stages 1 and 2 of a preset's pair built from DIMS (scaled by `scale`); one row per stage."""
+          peak_flops: float = H100_BF16_PEAK, capacity_gib: float | None = None, force: bool = False,
+          on_row=None, verbose: bool = False) -> list[dict]:
+    """Time stages 1 and 2 of a preset's pair built from DIMS (scaled by `scale`); one row per stage.
+
+    Refuses (`WillNotFit`) before building when the memory estimate exceeds `capacity_gib` (default: the GPU's
+    memory; no limit on CPU) unless `force`. `on_row(row)` is called as each stage's row is ready.
+    """
     from .config import get_preset
     from .losses import split_teacher
     from .recalibrator import Recalibrator
@@ -124,15 +247,33 @@ def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, l
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     td, sd = DIMS[preset.teacher].scaled(scale), DIMS[preset.student].scaled(scale)
     lq_l = lq_l or lq
+    est_kw = dict(batch=batch, lq=lq, la=la, lq_l=lq_l, use_cache=use_cache, chunk=chunk, scale=scale,
+                  weight_bytes=dtype.itemsize)
+    est = (print_estimate(preset_name, stages, **est_kw) if verbose
+           else {s: estimate_memory(preset_name, s, **est_kw) for s in stages})
+    need = max(e["total"] for e in est.values())
+    if capacity_gib is None and cuda:
+        capacity_gib = torch.cuda.mem_get_info()[1] / GiB
+    if capacity_gib is not None and need > capacity_gib and not force:
+        raise WillNotFit(f"{preset_name} (stages {','.join(map(str, stages))}, batch {batch} x {lq + la} tokens"
+                         f"{', from a teacher cache' if use_cache else ''}) needs about {need:.1f} GiB by the estimate, "
+                         f"more than the {capacity_gib:.1f} GiB available: not building it. Use --cache, fewer "
+                         f"--stages, a smaller --batch, several GPUs, or --force to try anyway")
     rows = []
     torch.manual_seed(0)
-    teacher = build_lm(td, dtype, dev).eval().requires_grad_(False)
-    t_head = teacher.get_output_embeddings()
-    t_body_params = _matmul_params(teacher.model)
-    if use_cache:  # the teacher body is not needed: keep its head only
-        teacher.model = None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _cpu_peak_reset()
+    if use_cache:  # the teacher body is not needed: build its head only
+        teacher, t_head, t_body_params = None, build_head(td, dtype, dev).requires_grad_(False), 0
+    else:
+        teacher = build_lm(td, dtype, dev).eval().requires_grad_(False)
+        t_head, t_body_params = teacher.get_output_embeddings(), _matmul_params(teacher.model)
     student = TextView(build_lm(sd, dtype, dev))
-    recal = Recalibrator(td.d, student.text_config).to(dev, dtype)
+    with torch.device(dev), _default_dtype(dtype):
+        recal = Recalibrator(td.d, student.text_config)
+    built_gib = (torch.cuda.memory_allocated() if cuda else _cpu_peak()) / GiB
     for stage in stages:
         params = set_trainable(stage, student.model, recal)
         module = GenRecal(student, recal, t_head)
@@ -160,7 +301,7 @@ def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, l
             if it:  # the first step is a warm-up
                 times.append(time.perf_counter() - t0)
         step = statistics.median(times)
-        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = torch.cuda.max_memory_allocated() if cuda else _cpu_peak()
         # model FLOPs (see the module docstring)
         N = batch * la
         T_s, T_l, T_r = batch * (lq + la), batch * (lq_l + la), batch * (lq + la - 1) + batch * (lq_l + la - 1)
@@ -169,24 +310,28 @@ def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, l
         flops = 0 if use_cache else 2 * t_body_params * T_l
         flops += (6 if stage == 2 else 2) * P_s * T_s + 6 * P_r * T_r + 2 * 6 * P_h * N
         flops += 6 * P_sh * N if stage == 2 else 0
-        rows.append(dict(preset=preset.name, stage=stage, scale=scale, device=torch.cuda.get_device_name() if cuda else "cpu",
-                         cache=use_cache, batch=batch, T_s=lq + la, T_l=lq_l + la, step_s=step,
-                         tokens_per_s=batch * (lq + la) / step, peak_gib=peak / 2 ** 30,
-                         tflops=flops / step / 1e12, mfu=flops / step / peak_flops, loss=terms["loss"].item(),
-                         teacher=td.name, student=sd.name, d_l=td.d, d_s=sd.d))
-        del opt
+        row = dict(preset=preset.name, stage=stage, scale=scale, device=torch.cuda.get_device_name() if cuda else "cpu",
+                   dtype=str(dtype).replace("torch.", ""), cache=use_cache, batch=batch, T_s=lq + la, T_l=lq_l + la,
+                   chunk=chunk, steps=steps, step_s=step, tokens_per_s=batch * (lq + la) / step, peak_gib=peak / GiB,
+                   built_gib=built_gib, estimate_gib=est[stage]["total"], tflops=flops / step / 1e12,
+                   mfu=flops / step / peak_flops, loss=terms["loss"].item(), teacher=td.name, student=sd.name,
+                   d_l=td.d, d_s=sd.d)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        del opt, terms, t
         if cuda:
             torch.cuda.empty_cache()
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| preset | stage | device | scale | cache | B x T_s | step s | tokens/s | peak GiB | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | stage | device | scale | cache | B x T_s | step s | tokens/s | peak GiB | est. GiB | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['stage']} | {r['device']} | {r['scale']} | {'yes' if r['cache'] else 'no'} | "
               f"{r['batch']} x {r['T_s']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
-              f"{r['tflops']:.2f} | {100 * r['mfu']:.1f}% |")
+              f"{r['estimate_gib']:.2f} | {r['tflops']:.2f} | {100 * r['mfu']:.1f}% |")
 
 
 def add_command(sub) -> None:
@@ -202,14 +347,36 @@ def add_command(sub) -> None:
     b.add_argument("--cache", action="store_true", help="no teacher body (stages 1-2 from a teacher cache)")
     b.add_argument("--stages", default="1,2")
     b.add_argument("--peak-tflops", type=float, default=989.0)
+    b.add_argument("--gpus", type=int, default=1, help="GPU count for the printed memory estimate (ZeRO-3 sharding)")
+    b.add_argument("--estimate-only", action="store_true", help="print every preset's memory estimate; build nothing")
+    b.add_argument("--capacity-gib", type=float, default=None, help="memory to refuse above (default: the GPU's)")
+    b.add_argument("--force", action="store_true", help="build even when the estimate exceeds the memory")
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     def run(a):
+        from .config import PRESETS
+        cuda = torch.cuda.is_available()
+        scale = a.scale or (1.0 if cuda else 0.05)
+        shape = dict(batch=a.batch or (4 if cuda else 2), lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16))
+        stages = [int(s) for s in a.stages.split(",")]
+        if a.estimate_only:
+            for name in PRESETS:
+                if name != "tiny":
+                    print_estimate(name, stages, gpus=a.gpus, use_cache=a.cache, chunk=a.chunk or None, scale=scale,
+                                   **shape)
+            return
         if not a.random_weights:
             raise SystemExit("bench builds random-init models from config dimensions: pass --random-weights")
-        cuda = torch.cuda.is_available()
-        rows = bench(a.preset, scale=a.scale or (1.0 if cuda else 0.05), batch=a.batch or (4 if cuda else 2),
-                     lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16), steps=a.steps,
-                     chunk=a.chunk or None, use_cache=a.cache, stages=[int(s) for s in a.stages.split(",")],
-                     peak_flops=a.peak_tflops * 1e12)
+        if a.gpus != 1:
+            print_estimate(a.preset, stages, gpus=a.gpus, use_cache=a.cache, chunk=a.chunk or None, scale=scale, **shape)
+        try:
+            rows = bench(a.preset, scale=scale, steps=a.steps, chunk=a.chunk or None, use_cache=a.cache, stages=stages,
+                         peak_flops=a.peak_tflops * 1e12, capacity_gib=a.capacity_gib, force=a.force, verbose=True,
+                         **shape)
+        except WillNotFit as e:
+            raise SystemExit(str(e))
         print_table(rows)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
     b.set_defaults(fn=run)

@@ -28,3 +28,24 @@ def test_bench_cpu_scaled():
     cached = bench("smolvlm-256m<-qwen2-vl-2b", scale=0.03, batch=2, lq=24, la=8, steps=1, chunk=None,
                    use_cache=True, stages=(1,))
     assert cached[0]["tflops"] * cached[0]["step_s"] < rows[0]["tflops"] * rows[0]["step_s"]  # no teacher body
+    assert all(0 < r["estimate_gib"] and 0 < r["peak_gib"] for r in rows + cached)
+
+
+def test_bench_refuses_before_building_when_the_estimate_does_not_fit(monkeypatch):
+    import minigenrecal.bench as b
+    monkeypatch.setattr(b, "build_lm", lambda *a, **k: pytest.fail("built a model despite the estimate"))
+    with pytest.raises(b.WillNotFit, match="qwen2-vl-7b<-qwen2-vl-72b.*needs about"):
+        bench("qwen2-vl-7b<-qwen2-vl-72b", batch=1, lq=768, la=256, chunk=512, capacity_gib=80.0)  # 72B body: ~150 GiB
+
+
+def test_memory_estimate_parts():
+    from minigenrecal.bench import estimate_memory
+    live = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=1, lq=768, la=256, chunk=512)
+    cached = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=1, lq=768, la=256, chunk=512, use_cache=True)
+    assert 130 < live["teacher body"] < 140 and cached["teacher body"] == 0  # 72.7B parameters less the head, bf16
+    assert abs(cached["teacher head"] - 152064 * 8192 * 2 / 2 ** 30) < 1e-9
+    assert 42 < cached["grads + AdamW"] < 48  # 3 x 2 bytes x (7.6B student + 0.52B Recalibrator)
+    sharded = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=1, lq=768, la=256, chunk=512, gpus=8)
+    assert abs(sharded["student"] * 8 - live["student"]) < 1e-9 and sharded["activations"] == live["activations"]
+    s1 = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 1, batch=1, lq=768, la=256, chunk=512, use_cache=True)
+    assert s1["total"] < cached["total"] - 40  # stage 1 trains only the Recalibrator
