@@ -24,10 +24,11 @@ class Sample:
     question: str
     answer: str
     id: str = "?"
+    posterior: dict[str, float] | None = None  # the true P(answer | image, question) where known (task 'posterior')
 
 
-def draw_scene(cells: list[tuple[str, str] | None], rng: random.Random) -> Image.Image:
-    """Render a 2x2 grid; each cell holds (color, shape) or None."""
+def draw_scene(cells: list[tuple[str | tuple[int, int, int], str] | None], rng: random.Random) -> Image.Image:
+    """Render a 2x2 grid; each cell holds (color, shape) or None; a color is a COLORS name or an RGB paint."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
     d = ImageDraw.Draw(img)
     half = IMAGE_SIZE // 2
@@ -35,16 +36,17 @@ def draw_scene(cells: list[tuple[str, str] | None], rng: random.Random) -> Image
         if cell is None:
             continue
         color, shape = cell
+        fill = COLORS[color] if isinstance(color, str) else color
         r = rng.randint(9, 12)
         cx = (k % 2) * half + half // 2 + rng.randint(-2, 2)
         cy = (k // 2) * half + half // 2 + rng.randint(-2, 2)
         box = (cx - r, cy - r, cx + r, cy + r)
         if shape == "circle":
-            d.ellipse(box, fill=COLORS[color])
+            d.ellipse(box, fill=fill)
         elif shape == "square":
-            d.rectangle(box, fill=COLORS[color])
+            d.rectangle(box, fill=fill)
         else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return img
 
 
@@ -85,19 +87,116 @@ def make_sample(seed: int, split: str, index: int) -> Sample:
     return Sample(image=image, question=q, answer=a, id=f"{split}-{seed}-{index}")
 
 
-TASKS = ("shapes",)  # see `make_split`
+TASKS = ("shapes", "posterior")  # see `make_split`
 
 
 def make_split(seed: int, split: str, n: int, start: int = 0, task: str = "shapes") -> list[Sample]:
     """`n` samples of one split; train, val and test never share a scene.
 
-    `task`: 'shapes' (every answer determined by the image).
+    `task`: 'shapes' (every answer determined by the image) or 'posterior' (blended colours: each sample carries
+    the true posterior over its question's candidate answers, and its label is sampled from it).
     """
     if split not in SPLIT_OFFSET:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_OFFSET)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    return [make_sample(seed, split, i) for i in range(start, start + n)]
+    make = make_posterior_sample if task == "posterior" else make_sample
+    return [make(seed, split, i) for i in range(start, start + n)]
+
+
+def make_posterior_split(seed: int, split: str, n: int, start: int = 0) -> list[Sample]:
+    """`make_split(..., task="posterior")`."""
+    return make_split(seed, split, n, start, task="posterior")
+
+
+# -- a task with a known posterior: shapes painted in a blend of two colours ----------------------------------
+# Each shape's paint is w * colour A + (1 - w) * colour B, with w drawn from BLEND_WEIGHTS (w = 1: one pure colour).
+# Generative story: the shape's true colour is A with probability w, else B. The image shows the blend, so given
+# the image the colour's posterior is {A: w, B: 1 - w} (the 6 pairs x 3 blends map to distinct paints), and a
+# question's posterior over its closed candidate answers follows exactly. The label is SAMPLED from that posterior.
+BLEND_WEIGHTS = (1.0, 0.8, 0.65, 0.55)  # weight of the dominant colour A; drawn uniformly
+POSTERIOR_QUESTIONS = ((0, 0.45), (1, 0.35), (2, 0.1), (3, 0.1))  # (make_qa kind, probability): no captions
+POSTERIOR_OFFSET = 5_000_011  # posterior-task scenes never coincide with the shapes task's
+
+
+def blend(a: str, b: str, w: float) -> tuple[int, int, int]:
+    """The paint of a shape that is colour `a` with probability w and `b` otherwise."""
+    return tuple(round(w * x + (1 - w) * y) for x, y in zip(COLORS[a], COLORS[b]))
+
+
+def colour_posterior(cell: tuple[str, str, float] | None) -> dict[str, float]:
+    """P(true colour | image) for one cell (A, B, w); empty for an empty cell."""
+    if cell is None:
+        return {}
+    a, b, w = cell
+    return {a: w} if w == 1.0 else {a: w, b: 1.0 - w}
+
+
+def question_posterior(cells: list[tuple[str, str, float, str] | None], kind: int, arg) -> tuple[str, dict[str, float]]:
+    """The question of kind `kind` (as in `make_qa`; `arg` = cell index, colour or shape) and its exact posterior
+    over every closed candidate answer (zeros included, the order of `metrics.candidates`)."""
+    from itertools import product
+
+    present = [c for c in cells if c is not None]
+    if kind == 0:
+        q = f"What is in the {CELLS[arg]} cell?"
+        keys = ["nothing"] + [f"a {c} {s}" for c in COLORS for s in SHAPES]
+        post = dict.fromkeys(keys, 0.0)
+        c = cells[arg]
+        if c is None:
+            post["nothing"] = 1.0
+        else:
+            for colour, p in colour_posterior(c[:3]).items():
+                post[f"a {colour} {c[3]}"] += p
+        return q, post
+    noun = arg if kind == 2 else "shape"
+    keys = [_count_phrase(n, noun) for n in range(5)]
+    post = dict.fromkeys(keys, 0.0)
+    if kind == 1:  # Poisson-binomial count: each shape is `arg` with its own probability
+        q = f"How many {arg} shapes are there?"
+        ps = [colour_posterior(c[:3]).get(arg, 0.0) for c in present]
+        for hits in product((0, 1), repeat=len(ps)):
+            pr = 1.0
+            for h, p in zip(hits, ps):
+                pr *= p if h else 1.0 - p
+            post[keys[sum(hits)]] += pr
+    elif kind == 2:
+        q = f"How many {arg}s are there?"
+        post[keys[sum(c[3] == arg for c in present)]] = 1.0
+    else:
+        q = "How many shapes are there in total?"
+        post[keys[len(present)]] = 1.0
+    return q, post
+
+
+def sample_answer(posterior: dict[str, float], rng: random.Random) -> str:
+    """Draw one answer from `posterior` (inverse CDF over its keys' order)."""
+    u, acc = rng.random(), 0.0
+    for answer, p in posterior.items():
+        acc += p
+        if u < acc:
+            return answer
+    return max(posterior, key=posterior.get)  # u within rounding of 1
+
+
+def make_posterior_sample(seed: int, split: str, index: int) -> Sample:
+    """Deterministic like `make_sample`: blended-colour scene, a closed question, its posterior, a sampled label."""
+    rng = random.Random(f"{seed}/{POSTERIOR_OFFSET + SPLIT_OFFSET[split]}/{index}")
+    cells = []  # (A, B, w, shape) or None
+    for _ in range(4):
+        if rng.random() < 0.3:
+            cells.append(None)
+            continue
+        a = rng.choice(list(COLORS))
+        b = rng.choice([c for c in COLORS if c != a])
+        cells.append((a, b, rng.choice(BLEND_WEIGHTS), rng.choice(SHAPES)))
+    image = draw_scene([None if c is None else (blend(*c[:3]), c[3]) for c in cells], rng)
+    kind = rng.choices([k for k, _ in POSTERIOR_QUESTIONS], weights=[p for _, p in POSTERIOR_QUESTIONS])[0]
+    arg = {0: lambda: rng.randrange(4), 1: lambda: rng.choice(list(COLORS)), 2: lambda: rng.choice(SHAPES),
+           3: lambda: None}[kind]()
+    q, post = question_posterior(cells, kind, arg)
+    return Sample(image=image, question=q, answer=sample_answer(post, rng), id=f"{split}-posterior-{seed}-{index}",
+                  posterior=post)
 
 
 def text_corpus() -> list[str]:

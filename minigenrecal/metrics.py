@@ -15,6 +15,8 @@ Every question of the synthetic task has a small closed set of possible answers,
 Each model scores each candidate's full answer sequence (its own answer tokens + end-of-turn) given the question
 and the image; a softmax over the candidates' sequence log-probabilities is that model's answer distribution.
 Exact match (greedy decoding) lives in `evaluate.exact_match` and is re-exported here.
+Where the true posterior is known (`make_split(..., task="posterior")`), `posterior_metrics` scores a model's
+candidate distribution against it: accuracy against the most likely answer, NLL and JSD.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from .evaluate import exact_match, normalize
 from .losses import answer_rows
 from .vlm import Encoded, VLMView
 
-__all__ = ["candidates", "is_closed", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index"]
+__all__ = ["candidates", "is_closed", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index",
+           "true_posterior", "posterior_scores", "posterior_metrics", "prior_dists"]
 MAX_COUNT = 4  # a 2x2 grid holds at most four shapes
 
 
@@ -137,3 +140,57 @@ def calibration(view: VLMView, samples: list[Sample], teacher_dists: list[torch.
     out["dists"] = dists
     return out
 
+
+# -- against a known posterior (task 'posterior': each sample carries the true P(answer | image, question)) -------
+def true_posterior(s: Sample) -> torch.Tensor:
+    """The sample's true posterior as a (C,) tensor in `candidates(s.question)` order (ValueError if it has none)."""
+    if s.posterior is None:
+        raise ValueError(f"sample {s.id} has no posterior (make it with make_split(..., task='posterior'))")
+    cands = candidates(s.question)
+    if sorted(s.posterior) != sorted(cands):
+        raise ValueError(f"sample {s.id}: posterior keys differ from the candidate set of {s.question!r}")
+    return torch.tensor([s.posterior[c] for c in cands], dtype=torch.float64)
+
+
+def posterior_scores(dists: list[torch.Tensor], samples: list[Sample], eps: float = 1e-12) -> dict:
+    """Mean scores of predicted candidate distributions q against each sample's true posterior p:
+    'mode_accuracy' (argmax q == argmax p), 'label_accuracy' (argmax q == the sampled label),
+    'nll' (expected NLL of a label drawn from p: -sum p log q), 'label_nll' (-log q(sampled label)),
+    'jsd' (JSD(q, p) in nats), 'kl' (KL(p || q)), 'entropy' (H(p): the nll of the Bayes-optimal predictor)."""
+    sums = dict.fromkeys(("mode_accuracy", "label_accuracy", "nll", "label_nll", "jsd", "kl", "entropy"), 0.0)
+    for q, s in zip(dists, samples, strict=True):
+        p, q = true_posterior(s), q.double()
+        logq = q.clamp_min(eps).log()
+        gold = gold_index(s)
+        sums["mode_accuracy"] += float(int(q.argmax()) == int(p.argmax()))
+        sums["label_accuracy"] += float(int(q.argmax()) == gold)
+        sums["nll"] += float(-(p * logq).sum())
+        sums["label_nll"] += float(-logq[gold])
+        sums["jsd"] += jsd(q, p)
+        sums["entropy"] += float(-torch.xlogy(p, p).sum())
+        sums["kl"] += float((torch.xlogy(p, p) - p * logq).sum())
+    n = max(len(samples), 1)
+    return {"n": len(samples), **{k: v / n for k, v in sums.items()}}
+
+
+def posterior_metrics(view: VLMView | None, samples: list[Sample], dists: list[torch.Tensor] | None = None,
+                      batch_size: int = 64) -> dict:
+    """`posterior_scores` of `view`'s candidate distributions (softmax of `candidate_logprobs`), or of `dists` if
+    given (e.g. `prior_dists(...)` or the true posteriors themselves: the Bayes-optimal predictor)."""
+    if dists is None:
+        dists = answer_distributions(view, samples, batch_size)
+    return posterior_scores(dists, samples)
+
+
+def prior_dists(train: list[Sample], samples: list[Sample]) -> list[torch.Tensor]:
+    """The image-blind predictor: per question, the mean true posterior over the `train` samples asking it
+    (smoothed by a 1e-6 uniform floor so every candidate keeps some mass)."""
+    by_q: dict[str, torch.Tensor] = {}
+    for s in train:
+        p = true_posterior(s)
+        by_q[s.question] = by_q.get(s.question, torch.zeros_like(p)) + p
+    out = []
+    for s in samples:
+        m = by_q.get(s.question, torch.ones(len(candidates(s.question)), dtype=torch.float64)) + 1e-6
+        out.append(m / m.sum())
+    return out

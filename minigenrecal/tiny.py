@@ -15,6 +15,7 @@ The teacher is shipped as a small checkpoint in `data_samples/tiny_teacher` (mad
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -165,18 +166,46 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def seed_everything(seed: int, threads: int) -> None:
-    """Fix the thread count (reduction order, hence the exact floats) and every RNG a build touches."""
+def posterior_report(view, train: list, n_test: int = 500, data_seed: int = 0) -> dict:
+    """Task 'posterior': the model vs the prior (image-blind) and the Bayes-optimal predictor (the posterior itself)
+    on `n_test` test items: `metrics.posterior_scores` plus greedy exact match against the most likely answer."""
+    from dataclasses import replace
+
+    from .data import make_split
+    from .evaluate import exact_match
+    from .metrics import posterior_metrics, prior_dists, true_posterior
+
+    test = make_split(data_seed, "test", n_test, task="posterior")
+    mode = [replace(s, answer=max(s.posterior, key=s.posterior.get)) for s in test]
+    out = {"model": posterior_metrics(view, test), "prior": posterior_metrics(None, test, prior_dists(train, test)),
+           "bayes_optimal": posterior_metrics(None, test, [true_posterior(s) for s in test])}
+    out["model"]["exact_match_mode"] = exact_match(view, mode)["accuracy"]
+    out["model"]["exact_match_label"] = exact_match(view, test)["accuracy"]
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a build touches (Python, NumPy, torch); the thread count is fixed by `fixed_threads`."""
     import os
     import random
 
     import numpy as np
 
-    torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def fixed_threads(threads: int):
+    """Run with `threads` torch threads (they set the reduction order, hence the exact floats), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int = 20000, batch_size: int = 32,
@@ -199,16 +228,19 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     from .vlm import VLMView
 
     t0 = time.time()
-    seed_everything(seed, threads)
-    model, proc = build_teacher(seed)
-    view = VLMView(model, proc, name="teacher")
-    data = PairData([view.encode(s) for s in make_split(seed, "train", n_train, task=task)])
-    cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed, train_vision=True,
-                      warmup_steps=warmup, vision_lr_scale=vision_lr_scale)
-    hist = train_stage(3, view, data, cfg, progress=False)
-    digest = weights_digest(model)
-    val = exact_match(view, make_split(0, "val", n_val, task=task))["accuracy"]
-    test = exact_match(view, make_split(0, "test", n_test, task=task))["accuracy"]
+    with fixed_threads(threads):
+        seed_everything(seed)
+        model, proc = build_teacher(seed)
+        view = VLMView(model, proc, name="teacher")
+        train = make_split(seed, "train", n_train, task=task)
+        data = PairData([view.encode(s) for s in train])
+        cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, seed=seed, train_vision=True,
+                          warmup_steps=warmup, vision_lr_scale=vision_lr_scale)
+        hist = train_stage(3, view, data, cfg, progress=False)
+        digest = weights_digest(model)
+        val = exact_match(view, make_split(0, "val", n_val, task=task))["accuracy"]
+        test = exact_match(view, make_split(0, "test", n_test, task=task))["accuracy"]
+        extra = {"posterior_test": posterior_report(view, train, n_test)} if task == "posterior" else {}
     log(f"teacher ({task}) exact match: val {val:.3f}, test {test:.3f} after {steps} steps "
         f"(final loss {hist[-1]['loss']:.4f}, {time.time() - t0:.0f} s on {threads} thread(s))")
     out = Path(out)
@@ -222,7 +254,7 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
             "eval": f"exact match on {n_val} val and {n_test} test items of data seed 0, before the fp16 save",
             "steps": steps, "n_train": n_train, "batch_size": batch_size, "lr": lr, "lr_end": lr_end,
             "warmup": warmup, "vision_lr_scale": vision_lr_scale, "seed": seed, "final_loss": hist[-1]["loss"],
-            "weights_sha256": digest, "seconds": round(time.time() - t0, 1), **_manifest(threads)}
+            "weights_sha256": digest, "seconds": round(time.time() - t0, 1), **_manifest(threads), **extra}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
