@@ -83,9 +83,9 @@ def main(argv=None):
 
 
 def _extra_commands():
-    """Subcommands that live in their own modules (reproduce, cache-teacher, bench)."""
+    """Subcommands that live in their own modules (reproduce, cache-teacher, bench, grade, ...)."""
     out = []
-    for mod in ("reproduce", "cache", "bench", "train"):
+    for mod in ("reproduce", "cache", "bench", "train", "study.transfer", "study.warmstart", "grading"):
         try:
             m = __import__(f"minigenrecal.{mod}", fromlist=["add_command"])
         except ImportError:

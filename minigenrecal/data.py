@@ -255,3 +255,49 @@ def write_llava_json(samples: list[Sample], out_dir: str | Path, name: str = "sa
             {"from": "human", "value": f"<image>\n{s.question}"}, {"from": "gpt", "value": s.answer}]})
     (out / name).write_text(json.dumps(records, indent=1) + "\n")
     return out / name
+
+
+# -- regimes with something to distill (label noise) and a disjoint caption pool (the student's warm start) ----
+def label_noise(samples: list[Sample], rho: float, seed: int) -> tuple[list[Sample], list[int]]:
+    """Replace exactly round(rho * n) answers by a wrong answer; returns (new samples, indices of the noisy ones).
+
+    Closed questions get a wrong candidate (uniform over the others); a caption gets the caption of another random
+    grid. Deterministic in (seed, rho, ids). The teacher never sees these labels during its own training.
+    """
+    from .metrics import candidates, is_closed  # metrics imports this module
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"label noise rho must be in [0, 1), got {rho}")
+    rng = random.Random(f"noise/{seed}/{rho}/{len(samples)}")
+    noisy = sorted(rng.sample(range(len(samples)), round(rho * len(samples))))
+    out = list(samples)
+    for i in noisy:
+        s = samples[i]
+        if is_closed(s):
+            wrong = [c for c in candidates(s.question) if c != s.answer]
+            answer = rng.choice(wrong)
+        else:
+            answer = s.answer
+            while answer == s.answer:
+                answer = caption([None if rng.random() < 0.3 else (rng.choice(list(COLORS)), rng.choice(SHAPES))
+                                  for _ in range(4)])
+        out[i] = Sample(image=s.image, question=s.question, answer=answer, id=s.id)
+    return out, noisy
+
+
+def caption(cells: list[tuple[str, str] | None]) -> str:
+    """The answer to 'Describe the grid.': every cell in reading order."""
+    return ", ".join("nothing" if c is None else f"{c[0]} {c[1]}" for c in cells)
+
+
+PRETRAIN_OFFSET = 3_000_003  # the caption pool never shares a scene with train/val/test
+
+
+def make_caption_pool(seed: int, n: int) -> list[Sample]:
+    """`n` caption samples ('Describe the grid.') from a pool disjoint from every split: the warm start's data."""
+    out = []
+    for i in range(n):
+        rng = random.Random(f"{seed}/{PRETRAIN_OFFSET}/{i}")
+        cells = [None if rng.random() < 0.3 else (rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(4)]
+        out.append(Sample(image=draw_scene(cells, rng), question="Describe the grid.", answer=caption(cells),
+                          id=f"pretrain-{seed}-{i}"))
+    return out

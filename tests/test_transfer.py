@@ -1,0 +1,81 @@
+"""The transfer study: label noise, the caption pool, paired statistics, and one quick end-to-end run."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from minigenrecal.data import label_noise, make_caption_pool, make_split
+from minigenrecal.metrics import candidates, is_closed
+from minigenrecal.study import stats
+
+
+# -- label noise ---------------------------------------------------------------------------------------------------
+def test_label_noise_replaces_exactly_rho_n_answers_with_wrong_ones():
+    train = make_split(0, "train", 60)
+    noisy, idx = label_noise(train, 0.3, seed=4)
+    assert len(idx) == 18 and len(set(idx)) == 18
+    for i, (s, n) in enumerate(zip(train, noisy)):
+        assert n.id == s.id and n.question == s.question and n.image is s.image
+        if i in idx:
+            assert n.answer != s.answer
+            if is_closed(s):
+                assert n.answer in candidates(s.question)
+            else:  # a caption of another grid: four cells, each 'nothing' or '<colour> <shape>'
+                assert len(n.answer.split(", ")) == 4
+        else:
+            assert n.answer == s.answer
+
+
+def test_label_noise_is_deterministic_and_seeded():
+    train = make_split(0, "train", 40)
+    a, ia = label_noise(train, 0.5, seed=1)
+    b, ib = label_noise(train, 0.5, seed=1)
+    c, ic = label_noise(train, 0.5, seed=2)
+    assert ia == ib and [s.answer for s in a] == [s.answer for s in b]
+    assert ia != ic
+    assert label_noise(train, 0.0, seed=1)[1] == []
+    with pytest.raises(ValueError, match="rho"):
+        label_noise(train, 1.0, seed=1)
+
+
+def test_caption_pool_is_disjoint_from_the_splits():
+    pool = make_caption_pool(0, 30)
+    assert all(s.question == "Describe the grid." for s in pool)
+    blank = "nothing, nothing, nothing, nothing"  # an empty grid looks the same in every pool
+    train_pixels = {s.image.tobytes() for s in make_split(0, "train", 300)}
+    assert not train_pixels & {s.image.tobytes() for s in pool if s.answer != blank}
+    assert [s.answer for s in pool] == [s.answer for s in make_caption_pool(0, 30)]
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+def test_mcnemar_counts_by_hand():
+    a = np.array([[1, 1, 0, 0, 1], [1, 0, 0, 1, 1]])
+    b = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]])
+    m = stats.mcnemar(a, b)  # a right, b wrong: (0,1), (0,4), (1,0) -> 3; the reverse: (0,2) -> 1
+    assert (m["b10"], m["b01"]) == (3, 1)
+    assert m["z"] == pytest.approx(2 / math.sqrt(4))
+    assert m["p"] == pytest.approx(math.erfc(1 / math.sqrt(2)))
+
+
+def test_paired_bootstrap_recovers_a_known_difference():
+    rng = np.random.default_rng(0)
+    b = (rng.random((6, 2000)) < 0.5).astype(float)
+    a = b.copy()
+    flip = rng.random((6, 2000)) < 0.2  # a gets 20% of b's wrong items right: true diff = 0.2 * P(b wrong)
+    a[flip & (b == 0)] = 1
+    r = stats.paired_bootstrap(a, b, n_boot=400)
+    assert r["diff"] == pytest.approx((a - b).mean())
+    assert r["ci95"][0] < 0.1 < r["ci95"][1]
+    assert 0 < r["se"] < 0.01 and r["mde"] == pytest.approx(2.801585 * r["se"], rel=1e-5)
+    same = stats.paired_bootstrap(b, b, n_boot=50)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_planned_mde_and_verdicts():
+    # 6 seeds x 2000 items, 30% discordant pairs, 1-point seed sd: sqrt(0.3 / 12000 + 0.0001 / 6) = 0.006455
+    assert stats.planned_mde(6, 2000, 0.3, 0.01) == pytest.approx(2.801585 * math.sqrt(0.3 / 12000 + 1e-4 / 6))
+    assert stats.verdict([0.01, 0.05], 0.072) == "holds"
+    assert stats.verdict([-0.02, 0.03], 0.072) == "does not hold"
+    assert stats.verdict([-0.05, -0.01], 0.072) == "does not hold (reversed)"
+    assert stats.verdict([-0.02, 0.09], 0.072) == "inconclusive"
