@@ -25,6 +25,7 @@ tokens/s = student tokens (B * T_s) per second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import resource
@@ -147,6 +148,7 @@ def _batch(B, Lq, La, V, device):
 
 
 # -- memory: arithmetic estimate before building, measured peak after ------------------------------------
+@functools.lru_cache(maxsize=None)
 def _param_counts(dims: TextDims) -> tuple[int, int]:
     """(all parameters, LM-head parameters) of the LM, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
