@@ -74,3 +74,22 @@ def test_a_step_past_its_timeout_is_killed_and_recorded(tmp_path):
     doc = json.loads((tmp_path / "head_loss.json").read_text())
     assert rc == 1 and doc["status"] == "timeout" and "killed after" in doc["error"]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"][1]["status"] == "timeout"
+
+
+def test_fit_refuses_by_estimate_and_runs_what_fits(tmp_path, monkeypatch):
+    import multiprocessing as mp
+    import time
+    gc = _gpu_check()
+    (tmp_path / "env.json").write_text(json.dumps({"gpus": [{"name": "pretend", "total_gib": 80.0}]}))
+    monkeypatch.setattr(gc, "fit_candidates", lambda o: [("internvl2.5-8b<-internvl2.5-78b", {1: 90.0, 2: 120.0}),
+                                                         ("qwen2-vl-7b<-qwen2-vl-72b", {1: 50.0, 2: 100.0}),
+                                                         ("smolvlm-256m<-qwen2-vl-2b", {1: 3.0, 2: 5.0})])
+    o = {"dry_run": True, "sizes": gc.DRY, "tests_runner": "auto", "timeouts": gc.TIMEOUTS}
+    fit = gc.run_fit(o, tmp_path, time.time() + 120, mp.get_context("fork"))
+    refused, stage1_only, both = fit["candidates"]
+    assert refused["status"] == "refused" and "rows" not in refused  # nothing built
+    assert [r["stage"] for r in stage1_only["rows"]] == [1] and "stage 2 refused" in stage1_only["note"]
+    assert [r["stage"] for r in both["rows"]] == [1, 2] and fit["status"] == "ok"
+    assert fit["largest_stage1_fit"]["preset"] == "qwen2-vl-7b<-qwen2-vl-72b"
+    assert fit["largest_fit"]["preset"] == "smolvlm-256m<-qwen2-vl-2b"
+    assert json.loads((tmp_path / "fit.json").read_text()) == json.loads(json.dumps(fit))
