@@ -30,4 +30,4 @@ demo: install
 	$(PY) -m minigenrecal demo --out runs/demo
 
 test: install
-	OMP_NUM_THREADS=1 MINIGENRECAL_SMOKE=1 $(PY) -m pytest -m "not gpu" -q tests notebooks --nbmake
+	OMP_NUM_THREADS=1 MINIGENRECAL_SMOKE=1 MINIGENRECAL_SOLUTIONS=1 $(PY) -m pytest -m "not gpu" -q tests notebooks --nbmake
