@@ -357,7 +357,7 @@ def print_figures(out: Path) -> None:
         peaks = ", ".join(f"stage {r['stage']} {r['peak_gib']:.2f} GiB" for r in c.get("rows", []))
         print(f"fit {c['preset']}: {c['status']}{' (' + peaks + ')' if peaks else ''}"
               f"{'  ' + c['note'] if c.get('note') else ''}")
-    if fit:
+    if "candidates" in fit:
         print(f"largest pair that trains from the cache (stages 1 and 2): {fit.get('largest_fit')}")
 
 
@@ -404,7 +404,11 @@ def main(argv=None) -> int:
             write_json(out / f"{name}.json", {"status": "not run", "error": "out of time"})
             summary["steps"].append({"name": name, "status": "not run", "seconds": 0.0, "file": f"{name}.json"})
             continue
-        if name == "fit":
+        if name != "env" and not a.dry_run and not read_json(out / "env.json").get("cuda_available"):
+            doc = {"status": "not run", "error": "no CUDA device here: run on a GPU, or use --dry-run"}
+            write_json(out / f"{name}.json", doc)
+            print(f"-- {name}: not run (no CUDA device; --dry-run runs the steps on CPU)")
+        elif name == "fit":
             doc = run_fit(o, out, deadline, ctx)
             doc["seconds"] = sum(c.get("seconds", 0.0) for c in doc["candidates"])
         else:

@@ -101,6 +101,6 @@ if pytest is not None:
     def test_tiny_pair_stage_step_cuda_bf16(stage, student_family):
         _run(check_stage_step, stage=stage, student_family=student_family)
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
     def test_chunked_equals_naive_cuda(dtype):
         _run(check_chunked_equals_naive, dtype=dtype)
