@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoint import Batches, Checkpointer, fault
 from .losses import TeacherOut, recal_path, split_teacher
 from .recalibrator import Recalibrator
 from .vlm import Encoded, VLMView
@@ -159,6 +160,22 @@ def get_accelerator(grad_accum: int = 1):
     return _ACCELERATOR
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def all_finite(acc, finite: torch.Tensor, module: nn.Module) -> bool:
+    """Were the losses finite (`finite`), and is the (synchronized) gradient? One verdict on every process."""
+    ok = finite.to(acc.device)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        norm = torch.nn.utils.get_total_norm(grads)
+        ok = ok & torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if acc.num_processes > 1:
+        ok = acc.reduce((~ok).float(), "sum") == 0
+    return bool(ok)
+
+
 def _to(batch: dict | None, device):
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
 
@@ -166,11 +183,17 @@ def _to(batch: dict | None, device):
 def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, teacher: VLMView | None = None,
                 recal: Recalibrator | None = None, teacher_head: nn.Linear | None = None,
                 teacher_fn: Callable[[dict | None, torch.Tensor], TeacherOut] | None = None,
-                progress: bool = True, answer_input: str = "features") -> list[dict]:
-    """Train one stage for `cfg.steps` optimizer steps; returns a per-step history (every loss term, lr).
+                progress: bool = True, answer_input: str = "features", *, checkpoint: Checkpointer | None = None,
+                max_skips: int = 3) -> list[dict]:
+    """Train one stage for `cfg.steps` optimizer steps; returns a per-step history (every loss term, lr, skipped).
 
     `teacher_fn(t_batch, idx)` gives the TeacherOut; by default the live teacher's forward. A cache passes its own.
+    `checkpoint` writes checkpoints (every `checkpoint.every` steps and at the stage's end) and continues from its
+    resume point. A non-finite loss or gradient skips the step (no update, the LR does not advance, the batch is
+    spent); `max_skips` skips in a row raise NonFiniteError naming the batch's sample ids.
     """
+    if checkpoint is not None and checkpoint.done(stage):
+        return checkpoint.history(stage)
     acc = get_accelerator(cfg.grad_accum)
     if stage in (1, 2):
         teacher_head = teacher_head if teacher_head is not None else teacher.head
@@ -196,29 +219,47 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     module, opt, loader = acc.prepare(module, opt, loader)
     if teacher is not None and stage in (1, 2):
         teacher.model.to(acc.device)
-    history, step, it = [], 0, iter(loader)
-    bar = tqdm(total=cfg.steps, desc=f"stage {stage}", disable=not progress or not acc.is_local_main_process, leave=False)
+    batches = Batches(loader, g)
+    history, step, in_row = [], 0, 0
+    ckpt_args = (acc, stage, asdict(cfg), module, opt, sched, batches, [recal] if stage == 3 and recal is not None else [],
+                 student.tokenizer)
+    if checkpoint is not None:
+        history, step, in_row = checkpoint.resume(*ckpt_args)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage}", disable=not progress or not acc.is_local_main_process,
+               leave=False)
     module.train()
     while step < cfg.steps:
+        skipped, ids, finite = False, [], torch.tensor(True, device=acc.device)
         for _ in range(cfg.grad_accum):
-            try:
-                s_batch, t_batch, idx = next(it)
-            except StopIteration:
-                it = iter(loader)
-                s_batch, t_batch, idx = next(it)
+            s_batch, t_batch, idx = next(batches)
+            ids += idx.tolist()
             with acc.accumulate(module), acc.autocast():
                 t = teacher_fn(t_batch, idx).to(acc.device) if stage in (1, 2) else None
                 terms = module(stage, s_batch, t, cfg)
+                finite = finite & torch.isfinite(terms["loss"].detach())
                 acc.backward(terms["loss"])
-                opt.step()
-                if acc.sync_gradients:
-                    sched.step()
+                if acc.sync_gradients:  # the optimizer steps only here (accelerate's accumulation)
+                    if all_finite(acc, finite, module):
+                        opt.step()
+                        sched.step()
+                    else:
+                        skipped = True
+                    finite = torch.tensor(True, device=acc.device)
                 opt.zero_grad()
         rec = {k: v.item() for k, v in terms.items()}
-        history.append({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], **rec})
+        history.append({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], **rec, "skipped": skipped})
+        in_row = in_row + 1 if skipped else 0
+        if in_row >= max_skips:
+            names = [data.s[i].id for i in ids]
+            raise NonFiniteError(f"stage {stage}, step {step}: {in_row} steps in a row had a non-finite loss or gradient "
+                                 f"(last loss {rec['loss']}); the last batch's sample ids: {names} "
+                                 f"(dataset indices {ids}, process {acc.process_index})")
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         step += 1
+        if checkpoint is not None and checkpoint.due(step, cfg.steps):
+            checkpoint.save(*ckpt_args, step=step, skips_in_row=in_row)
+        fault("step", stage, step)
     bar.close()
     module.eval()
     return history
