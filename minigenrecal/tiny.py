@@ -134,7 +134,7 @@ def load_teacher(path: str | Path = TEACHER_DIR):
 
 
 def _manifest(threads: int) -> dict:
-    """What a rebuild needs to match: thread count, package versions and the code's git commit."""
+    """What a rebuild needs to match: thread count, CPU kernels, package versions and the code's git commit."""
     import importlib.metadata as md
     import platform
     import subprocess
@@ -151,7 +151,9 @@ def _manifest(threads: int) -> dict:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "minigenrecal").stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"threads": threads, "versions": versions, "git_commit": commit, "package_code_modified": dirty}
+    cpu = torch.backends.cpu.get_cpu_capability()  # the kernels' instruction set: it also changes the exact floats
+    return {"threads": threads, "cpu_capability": cpu, "versions": versions, "git_commit": commit,
+            "package_code_modified": dirty}
 
 
 def weights_digest(model) -> str:

@@ -27,6 +27,6 @@ def test_build_records_its_manifest(tmp_path):
     train_teacher(tmp_path / "t", seed=0, **SHORT)
     info = json.loads((tmp_path / "t" / "training.json").read_text())
     assert info["threads"] == 1 and "--threads 1" in info["command"]
-    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["torch"] == torch.__version__ and info["cpu_capability"]
     assert {"transformers", "tokenizers", "accelerate", "python"} <= info["versions"].keys()
     assert "git_commit" in info and {"val_accuracy", "test_accuracy", "weights_sha256"} <= info.keys()
