@@ -1,8 +1,8 @@
 """The GPU check: every CUDA test and GPU figure of docs/scaling.md in one run of 7 minutes or less.
 
-    bash benchmarks/gpu_check.sh OUT                 # on the GPU machine (what the shell script runs:)
+    bash benchmarks/gpu_check.sh OUT                 # on the GPU machine; it runs:
     python benchmarks/gpu_check.py OUT               # needs only torch, transformers and accelerate importable
-    python benchmarks/gpu_check.py OUT --dry-run     # every step on CPU at reduced sizes (a minute or less)
+    python benchmarks/gpu_check.py OUT --dry-run     # every step on CPU at reduced sizes (well under a minute)
 
 Nothing is installed: the package is imported from this checkout (the script puts the repository root first on
 sys.path). Each step runs in a child process of its own, under its own timeout (capped by what is left of
@@ -386,6 +386,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # a step killed at its timeout has still shown what it printed
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     ctx = mp.get_context(a.start_method if a.start_method != "auto" else "fork" if a.dry_run else "spawn")
     if ctx.get_start_method() == "fork":  # children are forked from here: import what they all need once
         import torch  # noqa: F401

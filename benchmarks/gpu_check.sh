@@ -18,6 +18,6 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PIP_NO_INDEX=1 PYTHONDONTWRITEBYTECODE=1
+export PIP_NO_INDEX=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # 400 s for the steps (gpu_check.py --budget-s), 420 s at the outside
 exec timeout -k 5 420 "$PY" benchmarks/gpu_check.py "$OUT" --budget-s 400 "$@"

@@ -93,3 +93,10 @@ def test_fit_refuses_by_estimate_and_runs_what_fits(tmp_path, monkeypatch):
     assert fit["largest_stage1_fit"]["preset"] == "qwen2-vl-7b<-qwen2-vl-72b"
     assert fit["largest_fit"]["preset"] == "smolvlm-256m<-qwen2-vl-2b"
     assert json.loads((tmp_path / "fit.json").read_text()) == json.loads(json.dumps(fit))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA path")
+def test_without_cuda_the_gpu_steps_are_not_run_at_full_size(tmp_path):
+    rc = _gpu_check().main([str(tmp_path), "--only", "bench", "--start-method", "fork"])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert rc == 1 and doc["status"] == "not run" and "--dry-run" in doc["error"]
