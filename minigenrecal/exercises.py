@@ -122,7 +122,7 @@ def _safe(run, fn, case):
         return _RAISED
 
 
-def _diagnose(run, fn, reference, case, cases, mutants, compare, explain, got, want, diff, early=None) -> str:
+def _diagnose(run, fn, case, cases, mutants, compare, explain, got, want, diff, early=None) -> str:
     if early is not None and (hint := early(case.make(), got, want, diff)):
         return hint
     group = [c for c in cases if c.group == case.group]
@@ -155,7 +155,7 @@ def _evaluate(name: str, fn, cases: list[Case], run, reference, mutants, compare
             return Result(name, False, f"your function raised {type(e).__name__}: {msg} (failing case: {case.label})")
         want = run(reference, case.make())
         if (diff := compare(got, want)) is not None:
-            hint = _diagnose(run, fn, reference, case, cases, mutants, compare, explain, got, want, diff, early)
+            hint = _diagnose(run, fn, case, cases, mutants, compare, explain, got, want, diff, early)
             return Result(name, False, f"{hint} (failing case: {case.label})")
     return Result(name, True, "")
 
@@ -174,7 +174,9 @@ def _check(name: str, fn, strict: bool, **spec) -> Result:
     note = ""
     if solutions_enabled() and not strict and not os.environ.get(RESULTS_ENV):  # never while grading
         fn, note = EXERCISES[name].solution, f"  (reference solution: {SOLUTIONS_ENV}=1)"
-    return _finish(_evaluate(name, fn, **spec), strict, note)
+    with torch.random.fork_rng(devices=[]):  # the cases seed torch; the learner's global RNG state is left alone
+        result = _evaluate(name, fn, **spec)
+    return _finish(result, strict, note)
 
 
 # == 02 · NPE positions =========================================================================================

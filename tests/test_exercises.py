@@ -250,6 +250,14 @@ def test_a_learner_error_becomes_a_hint():
     assert not r.passed and "your function raised RuntimeError" in r.hint
 
 
+def test_checks_leave_the_learners_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    exercises.check_block(EXERCISES["block"].solution)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_solutions_switch_checks_the_reference(monkeypatch, capsys):
     monkeypatch.setenv(exercises.SOLUTIONS_ENV, "1")
     for ex in EXERCISES.values():
