@@ -221,6 +221,8 @@ def check_npe_positions(fn, strict: bool = False) -> Result:
 
 # == 02 · the boundary rows ======================================================================================
 _PAD = 1e6  # right padding is filled with this, so rows taken from it are recognisable
+_PADDED = ("padded positions got into the rows, so they would change the loss: take exactly La rows per sample, "
+           "never the right padding after them")
 
 
 def _rows_case(label, q_lens, a_lens, seed, d=3):
@@ -253,8 +255,7 @@ def check_answer_rows(fn, strict: bool = False) -> Result:
         (shifted, rows(lambda q, a: q - 2, lambda q, a: q + a - 2)),
         ("used the first sample's Lq and La for every sample: each sample has its own lengths",
          rows(lambda q, a: q - 1, lambda q, a: q + a - 1, same=True)),
-        ("padded positions changed the result: take exactly La rows per sample, never the right padding after "
-         "them", rows(lambda q, a: q - 1, lambda q, a: None)),
+        (_PADDED, rows(lambda q, a: q - 1, lambda q, a: None)),
         ("one row short per sample: La rows predict a_0 .. a_{La-1} (the last one predicts the end-of-turn token)",
          rows(lambda q, a: q - 1, lambda q, a: q + a - 2)),
     ]
@@ -265,8 +266,7 @@ def check_answer_rows(fn, strict: bool = False) -> Result:
         if got.dim() == args[0].dim() and got.shape[0] == args[0].shape[0]:
             return "return the rows concatenated over the batch, shape (sum La, d), not a padded block per sample"
         if (got == _PAD).any():
-            return ("padded positions changed the result: take exactly La rows per sample, never the right "
-                    "padding after them")
+            return _PADDED
         if got.dim() == 2 and got.shape[-1] == want.shape[-1]:
             return (f"you took the rows coded (100 x sample + position) {got[:, 0].long().tolist()}; the "
                     f"predicting rows are {want[:, 0].long().tolist()}")

@@ -96,6 +96,8 @@ def _why_not_run(nb, name: str) -> str:
     first_error = None
     for i, cell in enumerate(nb["cells"]):
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if cell["cell_type"] == "code" and _nbgrader(cell).get("grade_id") == f"{name}_solution" and errors:
+            return f"its stub cell raised {errors[0]['ename']}: {errors[0]['evalue']}"[:300]
         if cell["cell_type"] == "code" and _nbgrader(cell).get("grade_id") == name:
             if errors:
                 return f"its check cell raised {errors[0]['ename']}: {errors[0]['evalue']}"[:300]

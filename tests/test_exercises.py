@@ -182,7 +182,7 @@ WRONG = {
                       (_npe_restart, "restarts at 0")],
     "answer_rows": [(_rows_answer_positions, "prediction rows are shifted by one: the last question position must "
                                              "predict a_0"),
-                    (_rows_padded_to_longest, "padded positions changed the result"),
+                    (_rows_padded_to_longest, "padded positions got into the rows, so they would change the loss"),
                     (_rows_first_lengths, "first sample's Lq and La"), (_rows_stacked, "concatenated over the batch")],
     "block": [(_sdpa_block(causal=False), "not causal"), (_sdpa_block(rope=False), "no rotary embedding"),
               (_sdpa_block(interleave=False), "repeat_interleave"), (_block_post_norm, "pre-norm")],
@@ -364,3 +364,15 @@ def test_nbgrader_autogrades_an_assignment(tmp_path, monkeypatch):
     with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
         scores = {g: gb.find_grade(g, "02", "ps02", "alice").score for g in ("npe_positions", "answer_rows", "block")}
     assert scores == {"npe_positions": 1.0, "answer_rows": 1.0, "block": 0.0}
+
+
+def test_grade_says_why_a_check_never_ran():
+    """Without executing anything: the error outputs of an executed notebook name the cell that stopped a check."""
+    nb = _load("02_embedding_alignment")
+    error = lambda name: [{"output_type": "error", "ename": name, "evalue": "...", "traceback": []}]
+    for c in nb.cells:
+        gid = c.metadata.get("nbgrader", {}).get("grade_id")
+        c.outputs = error("SyntaxError") if gid == "block_solution" else (error("NameError") if gid == "block" else [])
+    assert grading._why_not_run(nb, "block").startswith("its stub cell raised SyntaxError")
+    nb.cells[2].outputs = error("RuntimeError")
+    assert "cell 2 raised RuntimeError" in grading._why_not_run(nb, "npe_positions")
