@@ -340,18 +340,21 @@ def test_grade_reports_exactly_the_wrong_exercise(tmp_path, capsys):
 
 def test_nbgrader_autogrades_an_assignment(tmp_path, monkeypatch):
     """The exercises of notebook 02 as an nbgrader assignment: generate, submit one wrong answer, autograde."""
+    import os
     import sys
 
     from nbgrader.api import Gradebook
     from nbgrader.apps import NbGraderAPI
     from traitlets.config import Config
-    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + ":" + __import__("os").environ["PATH"])  # alembic
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])  # nbgrader runs alembic
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jupyter"))
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "source" / "ps02").mkdir(parents=True)
     nb = grading.instructor_notebook(grading.only_exercises(_load("02_embedding_alignment")))
     nbformat.write(nb, tmp_path / "source" / "ps02" / "02.ipynb")
     cfg = Config()
     cfg.CourseDirectory.root, cfg.CourseDirectory.course_id = str(tmp_path), "genrecal"
+    cfg.Execute.timeout = 300  # seconds per cell (nbgrader's default, 30, is tight for the first imports on a busy CPU)
     api = NbGraderAPI(config=cfg)
     assert api.generate_assignment("ps02", force=True)["success"]
     released = nbformat.read(tmp_path / "release" / "ps02" / "02.ipynb", as_version=4)
