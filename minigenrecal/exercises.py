@@ -391,18 +391,22 @@ def check_kl(fn, strict: bool = False) -> Result:
         ("this is KL(p_s || p_t), the reverse direction: GenRecal's KL is forward, KL(p_t || p_s) = "
          "sum p_t (log p_t - log p_s)", lambda s, t, tau: _kl_rows(s / tau, t / tau).mean() * tau ** 2),
         ("this is the cross-entropy H(p_t, p_s), not the KL: subtract the teacher's entropy, "
-         "KL = sum p_t (log p_t - log p_s)", lambda s, t, tau: -(F.softmax(t / tau, -1) * F.log_softmax(s / tau, -1)).sum(-1).mean() * tau ** 2),
+         "KL = sum p_t (log p_t - log p_s)",
+         lambda s, t, tau: -(F.softmax(t / tau, -1) * F.log_softmax(s / tau, -1)).sum(-1).mean() * tau ** 2),
         ("missing the tau^2 factor: multiply the KL by tau**2 (softened targets scale its gradients by 1/tau^2)",
          lambda s, t, tau: _kl_rows(t / tau, s / tau).mean()),
         ("scaled by tau, not by tau^2", lambda s, t, tau: _kl_rows(t / tau, s / tau).mean() * tau),
         ("the logits are not divided by tau: soften both distributions with logits / tau before the softmax",
          lambda s, t, tau: _kl_rows(t, s).mean() * tau ** 2),
-        ("only the teacher's logits are divided by tau: divide both", lambda s, t, tau: _kl_rows(t / tau, s).mean() * tau ** 2),
-        ("only the student's logits are divided by tau: divide both", lambda s, t, tau: _kl_rows(t, s / tau).mean() * tau ** 2),
+        ("only the teacher's logits are divided by tau: divide both",
+         lambda s, t, tau: _kl_rows(t / tau, s).mean() * tau ** 2),
+        ("only the student's logits are divided by tau: divide both",
+         lambda s, t, tau: _kl_rows(t, s / tau).mean() * tau ** 2),
         ("summed over rows: average over the answer positions (rows) instead",
          lambda s, t, tau: _kl_rows(t / tau, s / tau).sum() * tau ** 2),
         ("averaged over every vocabulary entry too (F.kl_div's reduction='mean' divides by rows x V): average "
-         "over rows only (reduction='batchmean')", lambda s, t, tau: _kl_rows(t / tau, s / tau).sum() / s.numel() * tau ** 2),
+         "over rows only (reduction='batchmean')",
+         lambda s, t, tau: _kl_rows(t / tau, s / tau).sum() / s.numel() * tau ** 2),
     ]
 
     def explain(args, got, want, diff):
@@ -812,7 +816,8 @@ _EX = [
              check_answer_rows, _solve_answer_rows),
     Exercise("block", "02_embedding_alignment", "one Recalibrator block", "my_block",
              "One Recalibrator block's forward, written out with the weights of `block` (a recalibrator.Block).",
-             "compute RMSNorm -> causal GQA attention with RoPE at pos -> residual -> RMSNorm -> gated-SiLU FFN -> residual",
+             "compute RMSNorm -> causal GQA attention with RoPE at pos -> residual -> RMSNorm -> gated-SiLU FFN "
+             "-> residual",
              "GQA (4 heads, 2 KV heads) with q/k/v biases, 3 heads sharing one KV head, a batch of 1, positions that "
              "are not 0..T-1, norms with non-unit weights; the reference is recalibrator.Block with the same weights",
              check_block, _solve_block),

@@ -59,7 +59,7 @@ def fill(nb, bodies: dict[str, str], markers: bool = False):
 
 
 def only_exercises(nb):
-    """A copy of `nb` with its title cell and its coding exercises only (they are self-contained): a short assignment."""
+    """A copy of `nb` with its title cell and its (self-contained) coding exercises only: a short assignment."""
     nb = copy.deepcopy(nb)
     start = next((i for i, c in enumerate(nb["cells"]) if _nbgrader(c)), len(nb["cells"]))
     start -= start > 0 and nb["cells"][start - 1]["cell_type"] == "markdown"  # the coding exercises' introduction
