@@ -72,10 +72,26 @@ def teacher_processor() -> LlavaProcessor:
                           chat_template=CHATML, num_additional_image_tokens=1)
 
 
+STUDENT_TOKENIZER = ROOT / "data_samples" / "tiny_student_tokenizer.json"
+
+
+def student_tokenizer(retrain: bool = False) -> PreTrainedTokenizerFast:
+    """The student's Unigram tokenizer, read from the shipped file. Unigram training is not deterministic (the
+    same corpus gives the same pieces but ids and scores that differ from run to run), so the kit trains it once
+    (`retrain=True`, which rewrites the file) and every student built from a seed then has the same vocabulary."""
+    special = ["<unk>", "<|im_start|>", "<pad>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+               "<global-img>"]
+    if retrain or not STUDENT_TOKENIZER.exists():
+        tok = train_tokenizer("unigram", 256, special, IDEFICS3, eos="<end_of_utterance>", pad="<pad>")
+        tok.backend_tokenizer.save(str(STUDENT_TOKENIZER))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(STUDENT_TOKENIZER), eos_token="<end_of_utterance>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = IDEFICS3
+    return tok
+
+
 def student_processor() -> Idefics3Processor:
-    tok = train_tokenizer("unigram", 256, ["<unk>", "<|im_start|>", "<pad>", "<end_of_utterance>", "<image>",
-                                           "<fake_token_around_image>", "<global-img>"], IDEFICS3,
-                          eos="<end_of_utterance>", pad="<pad>")
+    tok = student_tokenizer()
     ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 48},
                                    max_image_size={"longest_edge": 48})
     return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=9, chat_template=IDEFICS3)

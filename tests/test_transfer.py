@@ -79,3 +79,55 @@ def test_planned_mde_and_verdicts():
     assert stats.verdict([-0.02, 0.03], 0.072) == "does not hold"
     assert stats.verdict([-0.05, -0.01], 0.072) == "does not hold (reversed)"
     assert stats.verdict([-0.02, 0.09], 0.072) == "inconclusive"
+
+
+# -- the warm start and one quick end-to-end study -----------------------------------------------------------------------
+def test_warm_start_build_is_bit_identical_twice(tmp_path):
+    from minigenrecal.study.warmstart import load_warm_start, train_warm_start
+    kw = dict(n=8, steps=2, batch_size=4, warmup=1, n_eval=2, log=lambda m: None)
+    a = train_warm_start("cross_tokenizer", tmp_path / "a", **kw)
+    b = train_warm_start("cross_tokenizer", tmp_path / "b", **kw)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    from minigenrecal.tiny import build_student, weights_digest
+    assert a["weights_sha256"] != weights_digest(build_student(0)[0])  # it trained
+    model, proc = load_warm_start("cross_tokenizer", tmp_path / "a")
+    assert weights_digest(model) == a["weights_sha256"] and proc.tokenizer.vocab_size > 0
+
+
+def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
+    from minigenrecal.study import transfer as T
+    from minigenrecal.tiny import TEACHER_DIR
+    if not T.POSTERIOR_TEACHER_DIR.exists():  # the posterior teacher ships with the package; stand in if absent
+        monkeypatch.setattr(T, "POSTERIOR_TEACHER_DIR", TEACHER_DIR)
+    plan = T.quick_plan([0, 1])
+    res = T.transfer(plan, tmp_path, jobs=1)
+    got = {(r["regime"], r["method"], r["seed"]) for r in res["rows"]}
+    noise = [("teacher_labels", "seq_kd")] + [("noise0.5", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd",
+                                                                        "genrecal", "genrecal_after_stage2", *T.VARIANTS)]
+    post = [("posterior", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle", "genrecal",
+                                       "genrecal_after_stage2")]
+    assert got == {(r, m, s) for r, m in noise + post for s in (0, 1)}
+    for r in res["rows"]:
+        assert len(r["correct"]) == plan.n_test and r["accuracy"] == r["correct"].count("1") / plan.n_test
+        if r["regime"] == "posterior":
+            assert r["posterior_nll"] > 0 and 0 <= r["posterior_jsd"] <= 0.7
+        for d in ([r["diagnosis"]] if r["method"] == "genrecal_after_stage2" else r.get("diagnosis", {}).values()):
+            assert d["grad_ce_reg"] == 0 and d["grad_kl_reg"] == 0  # the regularization path never reaches the student
+            assert d["grad_kl_main"] > 0 and d["grad_ce_student"] > 0
+            assert 0 < d["grad_distill_share"] <= 1
+    assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + 6
+    text = (tmp_path / "README.md").read_text()
+    assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
+    saved = json.loads((tmp_path / "transfer.json").read_text())
+    assert saved["analysis"] == json.loads(json.dumps(res["analysis"]))
+    again = T.transfer(plan, tmp_path, jobs=1)  # every seed file exists: read back, nothing retrained
+    assert again["rows"] == res["rows"] and again["runtime_seconds"] < 5
+
+
+def test_a_student_built_twice_has_one_vocabulary():
+    from minigenrecal.tiny import STUDENT_TOKENIZER, build_student, weights_digest
+    (m1, p1), (m2, p2) = build_student(0), build_student(0)
+    assert weights_digest(m1) == weights_digest(m2)
+    assert p1.tokenizer.get_vocab() == p2.tokenizer.get_vocab()  # Unigram training alone would reorder the ids
+    assert p1.tokenizer.backend_tokenizer.to_str() == p2.tokenizer.backend_tokenizer.to_str()
+    assert STUDENT_TOKENIZER.exists()

@@ -11,9 +11,10 @@
 | `seq_kd`             | cross-tokenizer                | CE on the teacher's greedy answers (sequence-level KD bound) |
 | `genrecal_*` variants| cross-tokenizer                | Recalibrator frozen in stage 2; answer embeddings; KL x4     |
 
-Regimes: label noise rho in {0, 0.3, 0.5} (`data.label_noise`; the teacher was trained on clean data). Every row of a
-seed sees the same noisy labels, the same data order, and the same 2000 test items, so comparisons are paired over
-items and seeds (`study/stats.py`). The diagnosis (gradient norm of each loss term into the student, the
+Regimes: label noise rho in {0, 0.3, 0.5} (`data.label_noise`; the teacher was trained on clean data), and the
+posterior task (`make_split(task="posterior")`: blended colours, labels sampled from a known posterior, its own
+teacher), where `oracle` trains on fresh draws from the true posterior. Every row of a seed sees the same labels, the
+same data order, and the same 2000 test items, so comparisons are paired over items and seeds (`study/stats.py`). The diagnosis (gradient norm of each loss term into the student, the
 Recalibrator's first- vs later-answer-token accuracy with the student's features kept or scrambled) runs inside
 each GenRecal run at the end of stage 1 and of stage 2.
 """
@@ -32,7 +33,7 @@ from ..baselines import train_baseline
 from ..data import Sample, label_noise, make_split
 from ..evaluate import exact_match, normalize
 from ..losses import answer_rows, head_losses
-from ..metrics import calibration, is_closed
+from ..metrics import calibration, is_closed, posterior_metrics
 from ..recalibrator import Recalibrator
 from ..stages import GenRecal, PairData, StageConfig, student_groups, teacher_forward, train_stage
 from ..vlm import VLMView
@@ -40,6 +41,7 @@ from . import stats
 from .warmstart import load_warm_start
 
 DATA_SEED = 0
+POSTERIOR_TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher_posterior"
 PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, METHOD.md): the yardstick for "testable here"
 TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
 VARIANTS = {  # all run at the headline noise level; none is the paper's own method
@@ -65,6 +67,8 @@ class Plan:
     lr: float = 1e-3
     lr_end: float = 1e-4
     variants: bool = True
+    posterior: bool = True  # the posterior-task regime (needs data_samples/tiny_teacher_posterior)
+    oracle_draws: int = 16  # posterior draws per training sample for the oracle
     quick: bool = False
 
     def stage(self, k: int, seed: int) -> StageConfig:
@@ -77,17 +81,19 @@ class Plan:
 
 def quick_plan(seeds: list[int]) -> Plan:
     return Plan(seeds=seeds[:2], rhos=[0.5], n_train=24, n_test=16, n_dist=8, n_train_eval=8, steps=(2, 3, 3),
-                batch_size=8, quick=True)
+                batch_size=8, oracle_draws=2, quick=True)
 
 
 # -- seed-independent state --------------------------------------------------------------------------------------
 @dataclass
 class Context:
     plan: Plan
+    task: str  # 'shapes' or 'posterior'
     teacher: VLMView
     cross: VLMView  # renders samples for the cross-tokenizer student (its processor only)
-    train: list[Sample]  # clean
-    test: list[Sample]
+    train: list[Sample]  # clean labels (posterior task: each sample's most likely answer)
+    labelled: list[Sample]  # what SFT trains on without label noise (posterior task: the sampled labels)
+    test: list[Sample]  # scored against clean labels (posterior task: the most likely answer)
     dist_items: list[Sample]  # closed questions among the test items, for JSD
     teacher_dists: list[torch.Tensor]
     teacher_answers: list[str]  # the teacher's greedy answers to the training questions (seq_kd's labels)
@@ -105,17 +111,25 @@ class Context:
         return out
 
 
-def build_context(plan: Plan) -> Context:
-    from ..tiny import load_teacher
-    model, proc = load_teacher()
+def _mode(s: Sample) -> Sample:
+    return replace(s, answer=max(s.posterior, key=s.posterior.get))
+
+
+def build_context(plan: Plan, task: str = "shapes") -> Context:
+    from ..tiny import TEACHER_DIR, load_teacher
+    model, proc = load_teacher(TEACHER_DIR if task == "shapes" else POSTERIOR_TEACHER_DIR)
     teacher = VLMView(model.requires_grad_(False).eval(), proc, name="teacher")
     cross = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
-    train = make_split(DATA_SEED, "train", plan.n_train)
-    test = make_split(DATA_SEED, plan.eval_split, plan.n_test)
-    dist_items = [s for s in test if is_closed(s)][: plan.n_dist]
-    diag = make_split(DATA_SEED, "val", 8 if plan.quick else 128)
-    return Context(plan, teacher, cross, train, test, dist_items, calibration(teacher, dist_items)["dists"],
-                   exact_match(teacher, train)["predictions"], diag)
+    labelled = make_split(DATA_SEED, "train", plan.n_train, task=task)
+    test = make_split(DATA_SEED, plan.eval_split, plan.n_test, task=task)
+    dist_items = [s for s in test if is_closed(s)][: plan.n_dist]  # posterior task: sampled labels, posteriors kept
+    if task == "posterior":
+        train, test = [_mode(s) for s in labelled], [_mode(s) for s in test]
+    else:
+        train = labelled
+    diag = make_split(DATA_SEED, "val", 8 if plan.quick else 128, task=task)
+    return Context(plan, task, teacher, cross, train, labelled, test, dist_items,
+                   calibration(teacher, dist_items)["dists"], exact_match(teacher, train)["predictions"], diag)
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
@@ -127,19 +141,26 @@ def evaluate(view: VLMView, ctx: Context, trained_on: list[Sample]) -> dict:
     tr_pred = exact_match(view, trained_on[:k])["predictions"]
     own = np.mean([normalize(p) == normalize(s.answer) for p, s in zip(tr_pred, trained_on[:k])])
     clean = np.mean([normalize(p) == normalize(s.answer) for p, s in zip(tr_pred, ctx.train[:k])])
-    return {"accuracy": correct.count("1") / len(correct), "correct": correct,
-            "jsd_teacher": calibration(view, ctx.dist_items, ctx.teacher_dists)["jsd"],
-            "train_acc_own_labels": float(own), "train_acc_clean_labels": float(clean)}
+    cal = calibration(view, ctx.dist_items, ctx.teacher_dists)
+    out = {"accuracy": correct.count("1") / len(correct), "correct": correct, "jsd_teacher": cal["jsd"],
+           "train_acc_own_labels": float(own), "train_acc_clean_labels": float(clean)}
+    if ctx.task == "posterior":  # against the true posterior: expected NLL of a label drawn from it, and JSD
+        post = posterior_metrics(None, ctx.dist_items, cal["dists"])
+        out |= {"posterior_nll": post["nll"], "posterior_jsd": post["jsd"]}
+    return out
 
 
 # -- the diagnosis ---------------------------------------------------------------------------------------------------
-def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConfig, answer_input: str) -> dict:
-    """On a fixed val batch: the gradient norm of each stage-2 loss term into the student (LLM + projector), and
-    the Recalibrator path's accuracy and KL at the first answer token vs later ones, with the student's question
-    features as they are or scrambled across the batch (rolled by one sample)."""
+def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConfig, answer_input: str,
+             train: list[Sample]) -> dict:
+    """The gradient of each stage-2 loss term into the student (LLM + projector) on a fixed batch of the TRAINING
+    data (its labels, noisy or not): norms, and the cosine of the distillation terms' gradient with the student CE's.
+    On a fixed val batch (clean labels): the Recalibrator path's accuracy and KL at the first answer token vs later
+    ones, with the student's question features as they are or scrambled across the batch (rolled by one sample)."""
     teacher = ctx.teacher
-    s_batch = student.collate(ctx.encode(student, ctx.diag))
-    t_batch = teacher.collate(ctx.encode(teacher, ctx.diag))
+    batch = lambda view, samples: view.collate(ctx.encode(view, samples))
+    g_train = train[: len(ctx.diag)]
+    s_batch, t_batch = batch(student, g_train), batch(teacher, g_train)
     t = teacher_forward(teacher, t_batch, answer_input)
     g = student_groups(student.model)
     params = g["llm"] + g["projector"]
@@ -147,17 +168,20 @@ def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConf
     student.model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    out = {}
+    out, flat = {}, {}
     terms = GenRecal(student, recal, teacher.head)(2, s_batch, t, replace(cfg, reg=True))
     for name in TERMS:
-        if not terms[name].requires_grad:  # e.g. the reg terms with a frozen Recalibrator: nothing reaches anything
-            out[f"grad_{name}"] = 0.0
-            continue
-        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
-        sq = [(x.float() ** 2).sum() for x in grads if x is not None]  # the reg terms never reach the student
-        out[f"grad_{name}"] = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+        grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True) \
+            if terms[name].requires_grad else [None] * len(params)  # a frozen reader: the reg terms reach nothing
+        flat[name] = torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(grads, params)])
+        out[f"grad_{name}"] = float(flat[name].norm())  # the reg terms never reach the student: 0
+    distill = cfg.w_ce * flat["ce_main"] + cfg.w_kl * flat["kl_main"]
+    out["grad_distill_cos_ce_student"] = float(torch.nn.functional.cosine_similarity(distill, flat["ce_student"], 0))
+    out["grad_distill_share"] = float(distill.norm() / (distill + cfg.w_student * flat["ce_student"]).norm())
     for p, f in zip(student.model.parameters(), flags):
         p.requires_grad_(f)
+    s_batch, t_batch = batch(student, ctx.diag), batch(teacher, ctx.diag)
+    t = teacher_forward(teacher, t_batch, answer_input)
     with torch.no_grad():
         z_s = student.body(s_batch)
         z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]
@@ -192,7 +216,7 @@ def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, afte
             cfg = replace(cfg, **{k: v for k, v in stage_knobs.items() if stage == 2 or k != "train_recal"})
         train_stage(stage, student, data, cfg, teacher=teacher, recal=recal, progress=False, answer_input=answer_input)
         if stage in (1, 2):
-            diag[f"after_stage{stage}"] = diagnose(student, recal, ctx, cfg, answer_input)
+            diag[f"after_stage{stage}"] = diagnose(student, recal, ctx, cfg, answer_input, noisy)
         if stage == 2 and after2 is not None:
             after2(student)
     return student, diag
@@ -200,9 +224,9 @@ def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, afte
 
 def run_student_only(ctx: Context, method: str, seed: int, noisy: list[Sample]) -> VLMView:
     cfg = ctx.plan.student_only(seed)
-    if method in ("sft", "seq_kd"):
+    if method in ("sft", "seq_kd", "oracle"):
         student = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
-        labels = noisy if method == "sft" else [replace(s, answer=a) for s, a in zip(ctx.train, ctx.teacher_answers)]
+        labels = noisy if method == "sft" else teacher_labelled(ctx) if method == "seq_kd" else oracle_labelled(ctx)
         train_stage(3, student, PairData(ctx.encode(student, labels)), cfg, progress=False)
         return student
     student = VLMView(*load_warm_start("same_tokenizer"), name="teacher")  # renders exactly as the teacher does
@@ -216,13 +240,30 @@ def run_student_only(ctx: Context, method: str, seed: int, noisy: list[Sample]) 
     return student
 
 
+def teacher_labelled(ctx: Context) -> list[Sample]:
+    """The training questions answered by the teacher's greedy decoding: sequence-level KD's data."""
+    return [replace(s, answer=a) for s, a in zip(ctx.train, ctx.teacher_answers)]
+
+
+def oracle_labelled(ctx: Context) -> list[Sample]:
+    """`oracle_draws` fresh labels per training sample, drawn from its true posterior: training on these approximates
+    the expected CE under the posterior (the same student steps as every other row)."""
+    import random
+    from ..data import sample_answer
+    out = []
+    for s in ctx.labelled:
+        rng = random.Random(f"oracle/{s.id}")
+        out += [replace(s, answer=sample_answer(s.posterior, rng)) for _ in range(ctx.plan.oracle_draws)]
+    return out
+
+
 def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
     """Every row of one seed (all regimes); written to OUT/seeds/seed{seed}.json when complete."""
     torch.set_num_threads(1)
     path = out / "seeds" / f"seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())["rows"]
-    ctx = build_context(plan)
+    ctx = build_context(plan, "shapes")
     rows = []
 
     def add(regime, method, t0, metrics, **extra):
@@ -232,17 +273,12 @@ def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
             f"train(own) {metrics['train_acc_own_labels']:.2f} jsd {metrics['jsd_teacher']:.4f} "
             f"({time.time() - t0:.0f} s)")
 
-    t0 = time.time()
-    student = run_student_only(ctx, "seq_kd", seed, ctx.train)
-    teacher_labelled = [replace(s, answer=a) for s, a in zip(ctx.train, ctx.teacher_answers)]
-    add("teacher_labels", "seq_kd", t0, evaluate(student, ctx, teacher_labelled))
-    for rho in plan.rhos:
-        regime = f"noise{rho:g}"
-        noisy, idx = label_noise(ctx.train, rho, seed)
-        for method in ("sft", "same_arch_sft", "same_tokenizer_kd"):
+    def regime_rows(regime, noisy, methods, runs):
+        for method in methods:
             t0 = time.time()
-            add(regime, method, t0, evaluate(run_student_only(ctx, method, seed, noisy), ctx, noisy))
-        runs = {"genrecal": {}} | (VARIANTS if plan.variants and rho == plan.headline_rho else {})
+            labels = teacher_labelled(ctx) if method == "seq_kd" else ctx.train if method == "oracle" else noisy
+            add("teacher_labels" if method == "seq_kd" and ctx.task == "shapes" else regime, method, t0,
+                evaluate(run_student_only(ctx, method, seed, noisy), ctx, labels))
         for name, knobs in runs.items():
             t0, mid = time.time(), {}
             def after2(s, name=name):
@@ -252,6 +288,16 @@ def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
             if "row" in mid:
                 add(regime, "genrecal_after_stage2", t0, mid["row"], diagnosis=diag["after_stage2"])
             add(regime, name, t0, evaluate(student, ctx, noisy), diagnosis=diag)
+
+    regime_rows(None, ctx.train, ["seq_kd"], {})
+    for rho in plan.rhos:
+        noisy, _ = label_noise(ctx.train, rho, seed)
+        runs = {"genrecal": {}} | (VARIANTS if plan.variants and rho == plan.headline_rho else {})
+        regime_rows(f"noise{rho:g}", noisy, ["sft", "same_arch_sft", "same_tokenizer_kd"], runs)
+    if plan.posterior and POSTERIOR_TEACHER_DIR.exists():
+        ctx = build_context(plan, "posterior")
+        regime_rows("posterior", ctx.labelled, ["sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle"],
+                    {"genrecal": {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"seed": seed, "rows": rows}) + "\n")
     return rows
@@ -294,9 +340,17 @@ def matrix(rows: list[dict], regime: str, method: str, seeds: list[int]) -> np.n
     return np.array([[c == "1" for c in by_seed[s]] for s in seeds], dtype=np.float64)
 
 
-def comparisons(plan: Plan) -> list[tuple[str, str, str, str, str]]:
+def comparisons(plan: Plan, posterior: bool = False) -> list[tuple[str, str, str, str, str]]:
     """(regime of a, a, regime of b, b, what it measures) for every paired comparison the report makes."""
     out = []
+    if posterior:
+        r = "posterior"
+        out += [(r, "same_tokenizer_kd", r, "same_arch_sft", "positive control: logit KD - its SFT control"),
+                (r, "genrecal", r, "sft", "GenRecal - SFT (same student, data, steps, LR)"),
+                (r, "genrecal_after_stage2", r, "sft", "GenRecal after stage 2 - SFT"),
+                (r, "seq_kd", r, "sft", "sequence-level KD (teacher's answers) - SFT"),
+                (r, "oracle", r, "sft", "oracle (trained on the true posterior) - SFT"),
+                (r, "same_arch_sft", r, "sft", "architecture effect: same-tokenizer student - cross student, both SFT")]
     for rho in plan.rhos:
         r = f"noise{rho:g}"
         out += [(r, "same_tokenizer_kd", r, "same_arch_sft", "positive control: logit KD - its SFT control"),
@@ -321,10 +375,11 @@ def analyse(result: dict) -> dict:
         acc = [x["accuracy"] for x in rs]
         summary[key] = {"accuracy_mean": float(np.mean(acc)), "accuracy_sd": float(np.std(acc, ddof=1)) if len(acc) > 1
                         else 0.0, "seeds": len(rs)}
-        for k in ("jsd_teacher", "train_acc_own_labels", "train_acc_clean_labels"):
-            summary[key][k] = float(np.mean([x[k] for x in rs]))
+        for k in ("jsd_teacher", "train_acc_own_labels", "train_acc_clean_labels", "posterior_nll", "posterior_jsd"):
+            if k in rs[0]:
+                summary[key][k] = float(np.mean([x[k] for x in rs]))
     comps = []
-    for ra, a, rb, b, what in comparisons(plan):
+    for ra, a, rb, b, what in comparisons(plan, any(r["regime"] == "posterior" for r in rows)):
         A, B = matrix(rows, ra, a, seeds), matrix(rows, rb, b, seeds)
         boot = stats.paired_bootstrap(A, B)
         comps.append({"a": f"{ra}|{a}", "b": f"{rb}|{b}", "what": what, **boot, **{f"mcnemar_{k}": v for k, v in
@@ -363,13 +418,15 @@ def write_plot(result: dict, out: Path) -> str:
               ("GenRecal - SFT", "genrecal", "sft", "tab:orange"),
               ("GenRecal after stage 2 - SFT", "genrecal_after_stage2", "sft", "tab:red"),
               ("sequence KD - SFT", "seq_kd", "sft", "tab:blue")]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    regimes = [f"noise{rho:g}" for rho in plan["rhos"]]
+    regimes += ["posterior"] if any(c["b"].startswith("posterior|") for c in comps.values()) else []
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / len(series)
     for k, (label, a, b, color) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
-        for i, rho in enumerate(plan["rhos"]):
-            r = f"noise{rho:g}"
-            c = comps.get((f"{'teacher_labels' if a == 'seq_kd' else r}|{a}", f"{r}|{b}"))
+        for i, r in enumerate(regimes):
+            ra = "teacher_labels" if a == "seq_kd" and r != "posterior" else r
+            c = comps.get((f"{ra}|{a}", f"{r}|{b}"))
             if c:
                 xs.append(i + (k - (len(series) - 1) / 2) * width)
                 ys.append(100 * c["diff"])
@@ -377,7 +434,7 @@ def write_plot(result: dict, out: Path) -> str:
                 hi.append(100 * (c["ci95"][1] - c["diff"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=color, label=label)
     ax.axhline(0, color="0.3", lw=0.8)
-    ax.set_xticks(range(len(plan["rhos"])), [f"label noise {rho:g}" for rho in plan["rhos"]])
+    ax.set_xticks(range(len(regimes)), [r.replace("noise", "label noise ") for r in regimes])
     ax.set_ylabel("accuracy gain (points), 95% CI")
     ax.set_title(f"What each method passes on ({len(plan['seeds'])} seeds x {plan['n_test']} test items, paired)")
     ax.legend(fontsize=7, loc="upper left")
@@ -390,19 +447,21 @@ def write_plot(result: dict, out: Path) -> str:
 def report_lines(result: dict) -> list[str]:
     """The report's tables (also what notebook 06 shows): one list of markdown lines."""
     plan, an = result["plan"], result["analysis"]
-    L = ["| regime | method | accuracy (%) | train acc, own labels (%) | train acc, clean labels (%) | JSD x100 |",
-         "|---|---|---|---|---|---|"]
+    L = ["| regime | method | accuracy (%) | train acc, own labels (%) | train acc, clean labels (%) | JSD x100 to the "
+         "teacher | NLL vs true posterior | JSD x100 vs true posterior |", "|---|---|---|---|---|---|---|---|"]
     for key, s in an["summary"].items():
         regime, method = key.split("|")
+        post = f" | {s['posterior_nll']:.3f} | {100 * s['posterior_jsd']:.2f}" if "posterior_nll" in s else " | | "
         L.append(f"| {regime} | {method} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f} | "
                  f"{100 * s['train_acc_own_labels']:.1f} | {100 * s['train_acc_clean_labels']:.1f} | "
-                 f"{100 * s['jsd_teacher']:.2f} |")
+                 f"{100 * s['jsd_teacher']:.2f}{post} |")
     L += ["", "| comparison (a - b) | what it measures | diff (points) | 95% CI | MDE | McNemar z | verdict |",
           "|---|---|---|---|---|---|---|"]
     for c in an["comparisons"]:
         L.append(f"| {c['a']} - {c['b']} | {c['what']} | {_pts(c['diff'])} | [{_pts(c['ci95'][0])}, "
                  f"{_pts(c['ci95'][1])}] | {100 * c['mde']:.1f} | {c['mcnemar_z']:.1f} | {c['verdict']} |")
-    keys = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "recal_acc_first",
+    keys = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "grad_distill_share",
+            "grad_distill_cos_ce_student", "recal_acc_first",
             "recal_acc_later", "recal_acc_first_scrambled", "recal_acc_later_scrambled"]
     L += ["", "| run | after stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for run, d in an["diagnosis"].items():

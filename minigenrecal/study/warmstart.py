@@ -33,9 +33,9 @@ def _build(kind: str, seed: int):
     raise ValueError(f"unknown warm-start kind {kind!r}; choose from {KINDS}")
 
 
-def train_warm_start(kind: str, out: str | Path | None = None, n: int = 16000, steps: int = 2000, batch_size: int = 32,
+def train_warm_start(kind: str, out: str | Path | None = None, n: int = 12000, steps: int = 1500, batch_size: int = 32,
                      lr: float = 1e-3, lr_end: float = 1e-4, warmup: int = 100, seed: int = 0, threads: int = 1,
-                     log=print) -> dict:
+                     n_eval: int = 300, log=print) -> dict:
     """Caption SFT of a random-init student (vision encoder included); saves weights + processor + training.json."""
     t0 = time.time()
     torch.set_num_threads(threads)  # the thread count sets the reduction order, hence the exact floats
@@ -47,7 +47,7 @@ def train_warm_start(kind: str, out: str | Path | None = None, n: int = 16000, s
     cfg = StageConfig(steps=steps, batch_size=batch_size, lr=lr, lr_end=lr_end, warmup_steps=warmup, seed=seed,
                       train_vision=True)
     hist = train_stage(3, view, data, cfg, progress=False)
-    held_out = make_caption_pool(seed + 1, 300)  # another pool seed: captions never trained on
+    held_out = make_caption_pool(seed + 1, n_eval)  # another pool seed: captions never trained on
     acc = exact_match(view, held_out)["accuracy"]
     out = Path(out or WARM_DIR / kind)
     model.save_pretrained(out)
@@ -75,8 +75,8 @@ def load_warm_start(kind: str, path: str | Path | None = None):
 def add_command(sub) -> None:
     w = sub.add_parser("make-warm-start", help="caption-pretrain the students' shared warm start and save it")
     w.add_argument("--kind", choices=[*KINDS, "both"], default="both", help="which student to pretrain")
-    w.add_argument("--n", type=int, default=16000, help="captions in the pretraining pool")
-    w.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    w.add_argument("--n", type=int, default=12000, help="captions in the pretraining pool")
+    w.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     w.add_argument("--seed", type=int, default=0, help="init, pool and data-order seed")
     w.add_argument("--threads", type=int, default=1, help="torch threads; the same count gives the same weights")
     w.add_argument("--out", default=None, help="directory (default data_samples/warm_start/KIND)")
