@@ -63,7 +63,8 @@ def handmade(tiny_pair, samples):
     g = torch.Generator().manual_seed(0)
     t = TeacherOut(z_q=[torch.randn(q, d, generator=g) for q in Lq_l],
                    z_a=[torch.randn(a - 1, d, generator=g) for a in La],
-                   z_pred=torch.randn(sum(La), d, generator=g) * 3, labels=torch.randint(0, V_l, (sum(La),), generator=g),
+                   z_pred=torch.randn(sum(La), d, generator=g) * 3,
+                   labels=torch.randint(0, V_l, (sum(La),), generator=g),
                    a_lens=torch.tensor(La))
     torch.manual_seed(0)
     recal = Recalibrator(d, student.text_config).eval()
@@ -93,8 +94,9 @@ def test_stage_loss_is_the_weighted_sum_of_independently_composed_terms(handmade
     assert set(got) == set(ref) | {"loss"}
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, msg=f"stage {stage}: {k} differs from its reference composition")
-    loss = cfg.w_ce * (ce_main + ce_reg) + cfg.w_kl * (kl_main + kl_reg) + (cfg.w_student * ce_student if stage == 2 else 0)
-    torch.testing.assert_close(got["loss"], loss, msg="loss != w_ce (CE main + reg) + w_kl (KL main + reg) + w_student CE")
+    loss = cfg.w_ce * (ce_main + ce_reg) + cfg.w_kl * (kl_main + kl_reg)
+    loss = loss + (cfg.w_student * ce_student if stage == 2 else 0)
+    torch.testing.assert_close(got["loss"], loss, msg="loss != w_ce (CE main+reg) + w_kl (KL main+reg) + w_student CE")
 
 
 def test_each_weight_scales_only_its_own_terms(handmade):
@@ -102,7 +104,8 @@ def test_each_weight_scales_only_its_own_terms(handmade):
     student, recal, head, s_batch, t = handmade
     with torch.no_grad():
         full = stage_loss(2, student, recal, head, s_batch, t, StageConfig())
-        for w, terms in (("w_ce", ("ce_main", "ce_reg")), ("w_kl", ("kl_main", "kl_reg")), ("w_student", ("ce_student",))):
+        owned = (("w_ce", ("ce_main", "ce_reg")), ("w_kl", ("kl_main", "kl_reg")), ("w_student", ("ce_student",)))
+        for w, terms in owned:
             got = stage_loss(2, student, recal, head, s_batch, t, StageConfig(**{w: 0.0}))["loss"]
             torch.testing.assert_close(got, full["loss"] - sum(full[k] for k in terms), msg=f"{w}=0 must drop {terms}")
         no_reg = stage_loss(2, student, recal, head, s_batch, t, StageConfig(reg=False))
