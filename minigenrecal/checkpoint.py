@@ -140,6 +140,33 @@ def _registered(acc, module, opt, sched, extra: list):
             h.remove()
 
 
+def resolve_root(path: str | Path) -> Path:
+    """`--resume DIR` accepts a run's output directory (with checkpoints/ inside) or the checkpoint directory."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def with_saved_tokenizer(view, ckpt: "Checkpointer"):
+    """The student view, with the tokenizer saved in `ckpt`'s resume point when the live one differs from it.
+
+    Needed for the tiny student: its Unigram tokenizer is retrained in every process and the trainer is not
+    deterministic across processes, so a resumed process would otherwise encode the data differently.
+    """
+    from .vlm import VLMView
+    saved = ckpt.saved_tokenizer()
+    if saved is None or tokenizer_digest(saved) == tokenizer_digest(view.tokenizer):
+        return view
+    if len(saved) != view.model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"the tokenizer saved in {ckpt.point} has {len(saved)} tokens, the student's embedding "
+                         f"{view.model.get_input_embeddings().weight.shape[0]} rows")
+    proc = view.processor
+    if hasattr(proc, "tokenizer"):
+        proc.tokenizer = saved
+    else:
+        proc = saved
+    return VLMView(view.model, proc, view.max_length, name=view.name)
+
+
 class Checkpointer:
     """Where a run checkpoints (`root`), how often (`every` optimizer steps; 0: only at each stage's end), and
     what it resumes from (`resume=True`: the latest complete checkpoint under `root`, which must exist).
@@ -192,6 +219,12 @@ class Checkpointer:
                              + ", ".join(f"{k}: {saved.get(k)!r} != {cfg_dict.get(k)!r}" for k in diff))
         with _registered(acc, module, opt, sched, extra_objects):
             acc.load_state(str(self.point))
+        pending = self.point / f"pending_grads_{acc.process_index}.pt"
+        if pending.exists():  # gradients accumulated since the last optimizer step (see save)
+            grads = torch.load(pending, map_location="cpu")
+            for n, p in acc.unwrap_model(module).named_parameters():
+                if n in grads:
+                    p.grad = grads[n].to(p.device)
         batches.load_state_dict(self.state["data"])
         self._loaded = (stage, self.state["step"])
         self.histories[stage] = self.state["history"]
@@ -214,6 +247,11 @@ class Checkpointer:
         acc.wait_for_everyone()
         with _registered(acc, module, opt, sched, extra_objects):
             acc.save_state(str(tmp))
+        # With grad_accum > 1, accelerate also steps at each epoch's end, so a step's last micro-batch need not be an
+        # optimizer step: gradients can be pending, and the next step adds to them. Each process keeps its own.
+        grads = {n: p.grad.detach().cpu() for n, p in acc.unwrap_model(module).named_parameters() if p.grad is not None}
+        if grads:
+            torch.save(grads, tmp / f"pending_grads_{acc.process_index}.pt")
         self.writes += 1
         fault("checkpoint", self.writes)  # tests kill the process here: mid-write, before the rename
         if acc.is_main_process:

@@ -19,7 +19,8 @@ def cmd_demo(a):
     from .pipeline import demo
     torch.manual_seed(0)
     preset = get_preset(a.preset)
-    res = demo(preset, a.out, data_seed=a.data_seed, n_test=a.n_test)
+    res = demo(preset, a.out, data_seed=a.data_seed, n_test=a.n_test, checkpoint_every=a.checkpoint_every,
+               resume=a.resume)
     print(f"\n== minigenrecal demo ({preset.name}) ==")
     print(f"teacher accuracy         {res['teacher']:.3f}")
     print(f"student before           {res['student_before']:.3f}")
@@ -60,6 +61,10 @@ def main(argv=None):
     d.add_argument("--preset", default="tiny")
     d.add_argument("--data-seed", type=int, default=0)
     d.add_argument("--n-test", type=int, default=500)
+    d.add_argument("--checkpoint-every", type=int, default=50,
+                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
+    d.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue a killed run from its latest complete checkpoint (the run's OUT, or OUT/checkpoints)")
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser("evaluate", help="exact-match accuracy of a saved student on fresh synthetic samples")
     e.add_argument("--student", required=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -10,6 +10,7 @@ from .config import Preset
 from .data import Sample, make_split
 from .evaluate import exact_match
 from .recalibrator import Recalibrator
+from .checkpoint import Checkpointer
 from .stages import PairData, StageConfig, train_stage
 from .vlm import Encoded, SampleError, VLMView
 
@@ -48,16 +49,21 @@ def encode_pairs(teacher: VLMView, student: VLMView, samples: list[Sample]) -> P
 
 def run_genrecal(teacher: VLMView, student: VLMView, train: list[Sample], stages: dict[int, StageConfig],
                  depth: int = 2, answer_input: str = "features", until: int = 3, progress: bool = True,
-                 seed: int = 0, callback=None) -> dict:
-    """Stages 1..`until`; returns the Recalibrator and per-stage histories. The student is trained in place."""
+                 seed: int = 0, callback=None, *, checkpoint: Checkpointer | None = None) -> dict:
+    """Stages 1..`until`; returns the Recalibrator and per-stage histories. The student is trained in place.
+
+    With `checkpoint`, stages finished before its resume point are not rerun (nor is `callback` for them)."""
     data = encode_pairs(teacher, student, train)
     torch.manual_seed(seed)
     recal = Recalibrator(teacher.d, student.text_config, depth)
     histories = {}
     for stage in range(1, until + 1):
         t0 = time.time()
+        done = checkpoint is not None and checkpoint.done(stage)
         histories[stage] = train_stage(stage, student, data, stages[stage], teacher=teacher, recal=recal,
-                                       progress=progress, answer_input=answer_input)
+                                       progress=progress, answer_input=answer_input, checkpoint=checkpoint)
+        if done:
+            continue
         histories[stage][-1]["stage_seconds"] = time.time() - t0
         if callback is not None:
             callback(stage, student)
@@ -69,18 +75,40 @@ def run_sft(student: VLMView, train: list[Sample], cfg: StageConfig, progress: b
     return train_stage(3, student, PairData([student.encode(s) for s in train]), cfg, progress=progress)
 
 
-def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progress: bool = True, log=print) -> dict:
-    """Teacher ready -> stages 1, 2, 3 -> evaluation; saves the final student to OUT/student."""
+def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progress: bool = True, log=print, *,
+         checkpoint_every: int = 0, resume: str | None = None) -> dict:
+    """Teacher ready -> stages 1, 2, 3 -> evaluation; saves the final student to OUT/student, the numbers to
+    OUT/summary.json, what produced them to OUT/manifest.json.
+
+    `checkpoint_every` > 0 writes checkpoints to OUT/checkpoints (every that many optimizer steps and at each
+    stage's end); `resume` (a run's OUT or its checkpoints/) continues from the latest complete one."""
     from pathlib import Path
+    from .checkpoint import resolve_root, with_saved_tokenizer
+    from .manifest import run_manifest, write_manifest
     t_start = time.time()
+    manifest = run_manifest({"preset": asdict(preset), "data_seed": data_seed, "n_test": n_test,
+                             "checkpoint_every": checkpoint_every, "resume": resume}, seed=0)
+    write_manifest(out, manifest)
+    ckpt = None
+    if resume:
+        ckpt = Checkpointer(resolve_root(resume), checkpoint_every, resume=True)
+    elif checkpoint_every > 0:
+        ckpt = Checkpointer(Path(out) / "checkpoints", checkpoint_every)
     teacher, student = load_pair(preset)
+    if ckpt is not None and resume:
+        student = with_saved_tokenizer(student, ckpt)
     train = make_split(data_seed, "train", preset.n_train)
     test = make_split(data_seed, "test", n_test)
     res = {"teacher": exact_match(teacher, test)["accuracy"], "student_before": exact_match(student, test)["accuracy"]}
     log(f"teacher accuracy {res['teacher']:.3f}; student before {res['student_before']:.3f}")
-    after = {}
-    run = run_genrecal(teacher, student, train, preset.stages(), preset.depth, progress=progress,
-                       callback=lambda st, _: after.__setitem__(st, exact_match(student, test)["accuracy"]))
+    after = {int(k): v for k, v in (ckpt.extra.get("after", {}) if ckpt is not None else {}).items()}
+
+    def evaluate(stage, _):
+        after[stage] = exact_match(student, test)["accuracy"]
+        if ckpt is not None:
+            ckpt.extra["after"] = after  # goes into the next checkpoint, so a resumed run keeps it
+    run = run_genrecal(teacher, student, train, preset.stages(), preset.depth, progress=progress, callback=evaluate,
+                       checkpoint=ckpt)
     for st, acc in after.items():
         res[f"student_after_stage{st}"] = acc
     res["student_after"] = after[3]
@@ -88,5 +116,6 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     student.model.save_pretrained(out_dir)
     student.processor.save_pretrained(out_dir)
     res["seconds"] = time.time() - t_start
+    res["manifest"] = manifest
     res["histories"] = run["histories"]
     return res

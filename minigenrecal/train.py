@@ -7,12 +7,16 @@
 Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
 runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON. `--cache DIR`
 (from `cache-teacher` over the same samples) trains stages 1-2 without the teacher body: only its head is loaded.
+
+Checkpoints go to OUT/checkpoints every `--checkpoint-every` optimizer steps and at each stage's end;
+`--resume OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
+uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced the run.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +43,9 @@ def _params(student, recal) -> dict[str, torch.Tensor]:
 
 
 def run(a) -> dict:
+    from .checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
     from .config import get_preset
+    from .manifest import run_manifest, write_manifest
     from .data import make_split, read_llava_json
     from .recalibrator import Recalibrator
     from .stages import PairData, get_accelerator, train_stage
@@ -63,25 +69,37 @@ def run(a) -> dict:
         from .pipeline import load_pair
         teacher, student = load_pair(preset)
         head, d_l = teacher.head, teacher.d
+    out = Path(a.out or (resolve_root(a.resume).parent if a.resume else "runs/train"))
+    ckpt = None
+    if a.resume:
+        ckpt = Checkpointer(resolve_root(a.resume), a.checkpoint_every, resume=True)
+        student = with_saved_tokenizer(student, ckpt)
+    elif a.checkpoint_every > 0 and not a.no_save:
+        ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
     data = PairData([student.encode(s) for s in samples],
                     None if teacher is None else [teacher.encode(s) for s in samples])
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
-    out = Path(a.out)
     acc = get_accelerator()
     if a.state_out:  # every rank writes its parameters before and after each stage, so a test can compare ranks
         Path(a.state_out).mkdir(parents=True, exist_ok=True)
         torch.save({"params": _params(student, recal)}, Path(a.state_out) / f"stage0-rank{acc.process_index}.pt")
-    log = {"preset": preset.name, "world_size": acc.num_processes, "stages": {}}
-    for stage in [int(s) for s in a.stages.split(",")]:
-        cfg = preset.stages()[stage]
-        over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
-        cfg = replace(cfg, **over)
+    stages = [int(s) for s in a.stages.split(",")]
+    over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
+    cfgs = {stage: replace(preset.stages()[stage], **over) for stage in stages}
+    config = {k: v for k, v in vars(a).items() if k != "fn"}
+    manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
+                             "world_size": acc.num_processes}, a.seed)
+    log = {"preset": preset.name, "world_size": acc.num_processes, "manifest": manifest, "stages": {}}
+    if acc.is_main_process and not a.no_save:
+        write_manifest(out, manifest)
+    for stage in stages:
         t0 = time.time()
-        hist = train_stage(stage, student, data, cfg, teacher=teacher, recal=recal, teacher_head=head,
+        hist = train_stage(stage, student, data, cfgs[stage], teacher=teacher, recal=recal, teacher_head=head,
                            teacher_fn=cache.teacher_fn if cache is not None and stage in (1, 2) else None,
-                           progress=not a.quiet)
-        log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1]}
+                           progress=not a.quiet, checkpoint=ckpt, max_skips=a.max_skips)
+        log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1], "skipped": sum(h.get("skipped", False) for h in hist),
+                                "history": hist}
         if a.state_out:
             torch.save({"params": _params(student, recal), "loss": hist[-1]["loss"]},
                        Path(a.state_out) / f"stage{stage}-rank{acc.process_index}.pt")
@@ -107,8 +125,14 @@ def add_command(sub) -> None:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--grad-accum", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default="runs/train")
-    t.add_argument("--no-save", action="store_true")
+    t.add_argument("--out", default=None, help="default: runs/train, or the resumed run's directory")
+    t.add_argument("--no-save", action="store_true", help="write nothing under OUT (no student, no checkpoints)")
+    t.add_argument("--checkpoint-every", type=int, default=100,
+                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from the latest complete checkpoint of a run (its OUT, or OUT/checkpoints)")
+    t.add_argument("--max-skips", type=int, default=3,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     t.add_argument("--state-out", default=None, help=argparse_hidden())
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=run)
