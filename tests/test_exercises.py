@@ -338,6 +338,7 @@ def test_grade_reports_exactly_the_wrong_exercise(tmp_path, capsys):
     assert "prediction rows are shifted by one" in lines[1]["hint"] and lines[0]["hint"] == ""
 
 
+@pytest.mark.filterwarnings("ignore")  # nbgrader's own SQLAlchemy warnings
 def test_nbgrader_autogrades_an_assignment(tmp_path, monkeypatch):
     """The exercises of notebook 02 as an nbgrader assignment: generate, submit one wrong answer, autograde."""
     import os
