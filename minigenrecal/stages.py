@@ -152,11 +152,16 @@ def get_accelerator(grad_accum: int = 1):
     """One Accelerator per process: bf16 autocast on CUDA, fp32 on CPU; DDP tolerates frozen/unused params."""
     global _ACCELERATOR
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import GradientAccumulationPlugin
     if _ACCELERATOR is None:
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                                    cpu=not torch.cuda.is_available(),
+                                   # a window is exactly grad_accum micro-batches, also across an epoch's end
+                                   gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1,
+                                                                                           sync_with_dataloader=False),
                                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _ACCELERATOR.gradient_accumulation_steps = grad_accum
+    _ACCELERATOR.step = 0  # each stage starts a fresh accumulation window
     return _ACCELERATOR
 
 

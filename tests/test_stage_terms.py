@@ -232,8 +232,7 @@ def _adamw_reference(model, micro_batches, lrs, weight_decay, betas=(0.9, 0.999)
 
 def test_train_stage_equals_a_hand_written_adamw_loop(tiny_pair, samples):
     """3 optimizer steps of stage 3 on two samples. grad_accum=1: one full batch per step. grad_accum=2: batches
-    of one sample, so each step averages both samples' CEs whatever the shuffle order. The two cases run in this
-    order in one test: accelerate counts micro-batches across calls, and the full-batch case leaves it at 0."""
+    of one sample, so each step averages both samples' CEs whatever the shuffle order."""
     import copy
     _, make_student = tiny_pair
     cases = [  # grad_accum, batch size, warmup steps, the LR of each step (lr 1e-2 -> lr_end 1e-3 over 3 steps)
@@ -259,3 +258,21 @@ def test_train_stage_equals_a_hand_written_adamw_loop(tiny_pair, samples):
             off, travel = (trained[n] - p).abs().max(), (p - init[n]).abs().max()
             assert off <= 1e-2 * travel + 1e-7, (f"grad_accum={accum}, warmup={warmup}: {n} is {off:.2e} off "
                                                  f"hand-written AdamW (it moved {travel:.2e})")
+
+
+def test_grad_accum_steps_once_per_window_even_across_an_epochs_end(tiny_pair, samples, monkeypatch):
+    """3 samples, batches of 1, grad_accum=2: the second window straddles the epoch's end. Still exactly one
+    optimizer step and one LR step per requested step (lr 1e-3 -> 1e-4 over 4 steps, written out)."""
+    _, make_student = tiny_pair
+    student = make_student(seed=6)
+    data = PairData([student.encode(s) for s in samples[:3]])
+    n_steps, real_step = [], torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        n_steps.append(1)
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    hist = train_stage(3, student, data, StageConfig(steps=4, batch_size=1, grad_accum=2, lr=1e-3, lr_end=1e-4),
+                       progress=False)
+    assert len(n_steps) == 4, f"{len(n_steps)} optimizer steps for 4 requested"
+    torch.testing.assert_close(torch.tensor([h["lr"] for h in hist]), torch.tensor([7.75e-4, 5.5e-4, 3.25e-4, 1e-4]))
