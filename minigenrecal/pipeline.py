@@ -1,6 +1,7 @@
 """The whole GenRecal pipeline on a pair: load, render, stages 1-3, evaluate."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, replace
 
@@ -117,5 +118,7 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     student.processor.save_pretrained(out_dir)
     res["seconds"] = time.time() - t_start
     res["manifest"] = manifest
+    res.update(preset=preset.name, data_seed=data_seed, n_test=n_test, threads=torch.get_num_threads())
+    (Path(out) / "summary.json").write_text(json.dumps(res, indent=1) + "\n")  # everything but the histories
     res["histories"] = run["histories"]
     return res
