@@ -225,6 +225,44 @@ def test_wrong_answer_fails_with_its_hint(name, fn, hint, capsys):
     assert capsys.readouterr().out.startswith(f"FAIL · {name}: ")
 
 
+def _rows_by_mask(x, q_lens, a_lens):
+    pos = torch.arange(x.shape[1])[None]  # (1, T)
+    keep = (pos >= q_lens[:, None] - 1) & (pos < (q_lens + a_lens)[:, None] - 1)  # (B, T)
+    return x[keep]
+
+
+def _block_sdpa_gqa(block, x, pos):
+    B, T, _ = x.shape
+    h = block.norm1(x)
+    q = recalibrator.rope(block.q(h).view(B, T, -1, block.head_dim).transpose(1, 2), pos, block.theta)
+    k = recalibrator.rope(block.k(h).view(B, T, -1, block.head_dim).transpose(1, 2), pos, block.theta)
+    v = block.v(h).view(B, T, -1, block.head_dim).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    x = x + block.o(a.transpose(1, 2).flatten(2))
+    h = block.norm2(x)
+    return x + block.down(F.silu(block.gate(h)) * block.up(h))
+
+
+OTHER_RIGHT_ANSWERS = [
+    ("npe_positions", lambda q_len, a_len, teacher_q_len: list(range(q_len + a_len - 1))),
+    ("answer_rows", _rows_by_mask),
+    ("block", _block_sdpa_gqa),
+    ("kl", lambda s, t, tau: F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                                      reduction="batchmean") * tau * tau),
+    ("head_ce", lambda h, labels, head: F.nll_loss(F.log_softmax(head(h), -1), labels)),
+    ("reg_input", lambda recal, z_qs, t: tuple(map(recal.proj_pre, t.z_q))),
+    ("jsd", lambda p, q: 0.5 * F.kl_div(((p + q) / 2).log(), p, reduction="sum")
+     + 0.5 * F.kl_div(((p + q) / 2).log(), q, reduction="sum")),
+]
+
+
+@pytest.mark.parametrize("name,fn", OTHER_RIGHT_ANSWERS, ids=[n for n, _ in OTHER_RIGHT_ANSWERS])
+def test_other_right_answers_pass(name, fn):
+    """No false alarms: correct answers written another way (lists, masks, F.kl_div, SDPA with GQA) pass."""
+    r = EXERCISES[name].check(fn)
+    assert r.passed, r.hint
+
+
 def test_package_functions_pass_their_own_checks():
     """The checkers' references are the package's code: the package itself passes."""
     assert exercises.check_kl(lambda s, t, tau: __import__("minigenrecal").losses.kl_from_logits(s, t, tau)).passed
