@@ -238,8 +238,9 @@ class VLMView:
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, samples: list[Sample], max_new_tokens: int = 12) -> list[str]:
-        """Greedy answers for a list of samples (left-padded batch)."""
+    def generate(self, samples: list[Sample], max_new_tokens: int = 48) -> list[str]:
+        """Greedy answers for a list of samples (left-padded batch). `max_new_tokens` must cover the longest answer
+        in THIS model's tokenizer: a caption is 26 tokens for the tiny student (test_vlm checks the bound)."""
         prompts = [self.prompt(s) for s in samples]
         dev = next(self.model.parameters()).device
         inputs = self.processor(text=prompts, images=[[s.image] for s in samples], return_tensors="pt",

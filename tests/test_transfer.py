@@ -131,3 +131,16 @@ def test_a_student_built_twice_has_one_vocabulary():
     assert p1.tokenizer.get_vocab() == p2.tokenizer.get_vocab()  # Unigram training alone would reorder the ids
     assert p1.tokenizer.backend_tokenizer.to_str() == p2.tokenizer.backend_tokenizer.to_str()
     assert STUDENT_TOKENIZER.exists()
+
+
+def test_generation_budget_covers_every_answer_of_the_task():
+    """Greedy evaluation truncated at max_new_tokens would mark long answers wrong whatever the model knows."""
+    import inspect
+    from minigenrecal.study.warmstart import load_warm_start
+    from minigenrecal.tiny import load_teacher
+    from minigenrecal.vlm import VLMView
+    budget = inspect.signature(VLMView.generate).parameters["max_new_tokens"].default
+    samples = make_split(0, "test", 300) + make_caption_pool(0, 100)
+    for model, proc in (load_warm_start("cross_tokenizer"), load_teacher()):
+        view = VLMView(model, proc)
+        assert max(len(view.answer_ids(s)) for s in samples) <= budget

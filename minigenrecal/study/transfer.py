@@ -333,6 +333,31 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
     return result
 
 
+def tune_lr(plan: Plan, lrs: list[float], out: str | Path, log=print) -> dict:
+    """The one knob chosen on val: the peak LR, as the one that gives the SFT control its best val accuracy at the
+    headline noise level (every row then uses it). Writes OUT/val_lr.json; the test split is never read."""
+    if plan.eval_split != "val":
+        raise ValueError("tune the LR on the val split (--eval-split val); the test split never chooses a knob")
+    torch.set_num_threads(1)
+    ctx, res = build_context(replace(plan, posterior=False), "shapes"), {}
+    for lr in lrs:
+        ctx.plan = replace(plan, lr=lr)
+        for seed in plan.seeds:
+            noisy, _ = label_noise(ctx.train, plan.headline_rho, seed)
+            row = evaluate(run_student_only(ctx, "sft", seed, noisy), ctx, noisy)
+            res.setdefault(str(lr), []).append({k: row[k] for k in ("accuracy", "train_acc_own_labels",
+                                                                    "train_acc_clean_labels")} | {"seed": seed})
+            log(f"val lr {lr:g} seed {seed}: sft accuracy {row['accuracy']:.3f}, "
+                f"train acc (own labels) {row['train_acc_own_labels']:.3f}")
+    best = max(res, key=lambda lr: np.mean([r["accuracy"] for r in res[lr]]))
+    result = {"rule": "peak LR maximizing the SFT control's mean val accuracy at the headline noise level",
+              "split": "val", "n_items": plan.n_test, "noise": plan.headline_rho, "seeds": plan.seeds, "runs": res,
+              "chosen_lr": float(best)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "val_lr.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 # -- analysis -----------------------------------------------------------------------------------------------------------
 def matrix(rows: list[dict], regime: str, method: str, seeds: list[int]) -> np.ndarray:
     """(seeds, items) 0/1 correctness of one method in one regime, seeds in the given order."""
@@ -441,7 +466,39 @@ def write_plot(result: dict, out: Path) -> str:
     fig.tight_layout()
     fig.savefig(out / "transfer.png", dpi=120)
     plt.close(fig)
+    fig = plot_diagnosis(result)
+    fig.savefig(out / "diagnosis.png", dpi=120)
+    plt.close(fig)
     return "transfer.png"
+
+
+def plot_diagnosis(result: dict):
+    """Left: each stage-2 loss term's gradient norm into the student (after stage 2). Right: the Recalibrator path's
+    accuracy at the first answer token and at later ones, with the student's question features kept or scrambled."""
+    import matplotlib.pyplot as plt
+    diag = {run: d["after_stage2"] for run, d in result["analysis"]["diagnosis"].items() if "after_stage2" in d}
+    runs = list(diag)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    terms = ["ce_main", "kl_main", "ce_student"]
+    width = 0.8 / len(terms)
+    for k, t in enumerate(terms):
+        a1.bar([i + (k - 1) * width for i in range(len(runs))], [diag[r][f"grad_{t}"] for r in runs], width, label=t)
+    a1.set_xticks(range(len(runs)), [r.replace("|", "\n").replace("genrecal_", "") for r in runs], fontsize=7)
+    a1.set_ylabel("gradient norm into the student")
+    a1.set_title("after stage 2: who moves the student?", fontsize=9)
+    a1.legend(fontsize=7)
+    bars = [("first", ""), ("later", ""), ("first", "_scrambled"), ("later", "_scrambled")]
+    width = 0.8 / len(bars)
+    for k, (pos, sc) in enumerate(bars):
+        a2.bar([i + (k - 1.5) * width for i in range(len(runs))], [100 * diag[r][f"recal_acc_{pos}{sc}"] for r in runs],
+               width, label=f"{pos} answer token" + (", student scrambled" if sc else ""),
+               hatch="//" if sc else None, color=("tab:blue" if pos == "first" else "tab:orange"), alpha=0.5 if sc else 1)
+    a2.set_xticks(range(len(runs)), [r.replace("|", "\n").replace("genrecal_", "") for r in runs], fontsize=7)
+    a2.set_ylabel("Recalibrator path token accuracy (%)")
+    a2.set_title("does the path need the student's features?", fontsize=9)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def report_lines(result: dict) -> list[str]:
@@ -482,7 +539,7 @@ def write_report(result: dict, out: Path) -> str:
           f"(`data_samples/warm_start`); steps per stage {plan['steps']}, student-only rows "
           f"{plan['steps'][1] + plan['steps'][2]} steps; batch {plan['batch_size']}; LR {plan['lr']} -> "
           f"{plan['lr_end']}; {plan['n_train']} training samples; {plan['n_test']} {plan['eval_split']} items; "
-          f"seeds {plan['seeds']}.", "", f"![gains]({plot})", ""]
+          f"seeds {plan['seeds']}.", "", f"![gains]({plot})", "", "![diagnosis](diagnosis.png)", ""]
     L += report_lines(result)
     L += ["", "Verdict rule: a claim 'a > b' holds if the 95% interval (two-level paired bootstrap over seeds and "
           "items: it carries test-set noise and seed spread) lies above 0; it does not hold if the interval lies below "
@@ -506,6 +563,9 @@ def add_command(sub) -> None:
     r.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.3, 0.5], help="label-noise fractions")
     r.add_argument("--no-variants", action="store_true", help="skip the GenRecal variants")
     r.add_argument("--quick", action="store_true", help="two seeds, a few steps and items (a smoke test)")
+    r.add_argument("--no-posterior", action="store_true", help="skip the posterior-task regime")
+    r.add_argument("--tune-lr", type=float, nargs="+", default=None,
+                   help="instead of the study: SFT at these peak LRs on val (with --eval-split val), pick the best")
     r.add_argument("--report-only", action="store_true", help="re-render README.md and the plot from transfer.json")
 
     def run(a):
@@ -518,7 +578,11 @@ def add_command(sub) -> None:
             print(f"wrote {out}/README.md")
             return
         plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
-                                                         eval_split=a.eval_split, variants=not a.no_variants)
+                                                         eval_split=a.eval_split, variants=not a.no_variants,
+                                                         posterior=not a.no_posterior)
+        if a.tune_lr:
+            print(json.dumps(tune_lr(plan, a.tune_lr, out)["chosen_lr"]))
+            return
         res = transfer(plan, out, a.jobs)
         print(f"wrote {out}/transfer.json and {out}/README.md in {res['runtime_seconds'] / 60:.1f} min")
     r.set_defaults(fn=run)
