@@ -1,4 +1,5 @@
-"""Atomic, exactly resumable checkpoints for `train_stage`, the data-loader position, and the fault hooks tests use.
+"""What keeps a run alive: atomic, exactly resumable checkpoints for `train_stage`, the data-loader position, the
+non-finite-step guard, and the fault hooks the resume tests use.
 
 A checkpoint is one directory `stage{S}-step{K:07d}` under a run's checkpoint directory:
 - accelerate's `save_state`: the trained module (student + Recalibrator; the frozen teacher head is left out), the
@@ -75,6 +76,22 @@ class Batches:
         self._start()
         for _ in range(sd["drawn"]):  # collate only: the teacher and the losses do not run for skipped batches
             next(self)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def all_finite(acc, finite: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Were the losses finite (`finite`), and is the (synchronized) gradient? One verdict on every process."""
+    ok = finite.to(acc.device)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        norm = torch.nn.utils.get_total_norm(grads)
+        ok = ok & torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if acc.num_processes > 1:
+        ok = acc.reduce((~ok).float(), "sum") == 0
+    return bool(ok)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -247,8 +264,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         with _registered(acc, module, opt, sched, extra_objects):
             acc.save_state(str(tmp))
-        # With grad_accum > 1, accelerate also steps at each epoch's end, so a step's last micro-batch need not be an
-        # optimizer step: gradients can be pending, and the next step adds to them. Each process keeps its own.
+        # If a step's last micro-batch was not an optimizer step (accelerate can sync early, e.g. at an epoch's end),
+        # gradients are pending and the next step adds to them. Each process keeps its own.
         grads = {n: p.grad.detach().cpu() for n, p in acc.unwrap_model(module).named_parameters() if p.grad is not None}
         if grads:
             torch.save(grads, tmp / f"pending_grads_{acc.process_index}.pt")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import Batches, Checkpointer, fault
+from .checkpoint import Batches, Checkpointer, NonFiniteError, all_finite, fault
 from .losses import TeacherOut, recal_path, split_teacher
 from .recalibrator import Recalibrator
 from .vlm import Encoded, VLMView
@@ -163,22 +163,6 @@ def get_accelerator(grad_accum: int = 1):
     _ACCELERATOR.gradient_accumulation_steps = grad_accum
     _ACCELERATOR.step = 0  # each stage starts a fresh accumulation window
     return _ACCELERATOR
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def all_finite(acc, finite: torch.Tensor, module: nn.Module) -> bool:
-    """Were the losses finite (`finite`), and is the (synchronized) gradient? One verdict on every process."""
-    ok = finite.to(acc.device)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads)
-        ok = ok & torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if acc.num_processes > 1:
-        ok = acc.reduce((~ok).float(), "sum") == 0
-    return bool(ok)
 
 
 def _to(batch: dict | None, device):
