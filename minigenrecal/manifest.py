@@ -65,9 +65,9 @@ def run_manifest(config: dict, seed) -> dict:
     }
 
 
-def write_manifest(out: str | Path, manifest: dict) -> Path:
-    """Write OUT/manifest.json."""
+def write_manifest(out: str | Path, manifest: dict) -> dict:
+    """Write OUT/manifest.json; returns the manifest, for the results file to carry."""
     path = Path(out) / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return path
+    return manifest
