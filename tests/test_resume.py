@@ -18,7 +18,7 @@ from minigenrecal.manifest import FIELDS
 ROOT = Path(__file__).resolve().parent.parent
 # Qwen2-VL classes at tiny size on both sides: byte-level BPE tokenizers, identical in every process
 TRAIN = ["-m", "minigenrecal", "train", "--preset", "qwen2-vl-7b<-qwen2-vl-72b", "--tiny-random", "--stages", "1,2,3",
-         "--steps", "4", "--n", "12", "--batch-size", "4", "--quiet"]  # 3 batches an epoch: resumes cross epochs
+         "--steps", "4", "--n", "12", "--batch-size", "4", "--grad-accum", "2", "--quiet"]  # 3 batches an epoch
 
 
 def train(out, *extra, fault=None):
@@ -53,6 +53,7 @@ def _same_run(out, reference):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three short training processes (the reference is shared)
 def test_sigkill_mid_stage_then_resume_gives_the_uninterrupted_run(reference, tmp_path):
     out = tmp_path / "run"
     r = train(out, "--checkpoint-every", "2", fault="kill step 2 3")  # SIGKILL after stage 2's step 3
@@ -65,6 +66,7 @@ def test_sigkill_mid_stage_then_resume_gives_the_uninterrupted_run(reference, tm
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["stage3-step0000004"]  # only the latest
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path):
     out = tmp_path / "run"
     # writes: stage 1 steps 2, 4; stage 2 steps 2, 4 <- killed after the weights are written, before the rename
