@@ -10,7 +10,8 @@
 | hidden size    | d_l = 192                     | d_s = 96                           |
 
 The teacher is shipped as a small checkpoint in `data_samples/tiny_teacher` (made by
-`python -m minigenrecal make-teacher`); the student is random-initialised from a seed, as "untrained".
+`python -m minigenrecal make-teacher`; the one for the posterior task in `data_samples/tiny_teacher_posterior`,
+`load_teacher(TEACHER_POSTERIOR_DIR)`); the student is random-initialised from a seed, as "untrained".
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .data import text_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "data_samples" / "tiny_teacher"
+TEACHER_POSTERIOR_DIR = ROOT / "data_samples" / "tiny_teacher_posterior"  # trained on make_split(task="posterior")
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
           "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"

@@ -99,3 +99,18 @@ def test_posterior_metrics_of_a_model_match_its_candidate_distributions(tiny_pai
     assert posterior_metrics(teacher, samples) == posterior_scores(dists, samples)
     with pytest.raises(ValueError, match="no posterior"):
         true_posterior(make_split(0, "test", 1)[0])
+
+
+def test_shipped_posterior_teacher_beats_the_prior_and_records_its_command():
+    import json
+
+    from minigenrecal.tiny import TEACHER_POSTERIOR_DIR, load_teacher
+    from minigenrecal.vlm import VLMView
+    info = json.loads((TEACHER_POSTERIOR_DIR / "training.json").read_text())
+    assert info["task"] == "posterior" and "--task posterior" in info["command"] and info["n_train"] >= 20000
+    teacher = VLMView(*load_teacher(TEACHER_POSTERIOR_DIR), name="teacher")
+    test = make_posterior_split(0, "test", 40)
+    model = posterior_metrics(teacher, test)
+    prior = posterior_metrics(None, test, prior_dists(make_posterior_split(0, "train", 2000), test))
+    assert model["jsd"] < prior["jsd"] / 2 and model["nll"] < prior["nll"] - 0.5, (model, prior)
+    assert model["jsd"] > 0.01  # and it is not the posterior itself
