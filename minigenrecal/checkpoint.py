@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,6 +235,9 @@ class Checkpointer:
         if diff:
             raise ValueError(f"{self.point} was written with another stage-{stage} config: "
                              + ", ".join(f"{k}: {saved.get(k)!r} != {cfg_dict.get(k)!r}" for k in diff))
+        if self.state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            warnings.warn(f"{self.point} was written on {self.state['threads']} CPU threads, this process has "
+                          f"{torch.get_num_threads()}: the continuation will not be bit-identical")
         with _registered(acc, module, opt, sched, extra_objects):
             acc.load_state(str(self.point))
         pending = self.point / f"pending_grads_{acc.process_index}.pt"
@@ -274,7 +278,8 @@ class Checkpointer:
         if acc.is_main_process:
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {"stage": stage, "step": step, "skips_in_row": skips_in_row, "data": batches.state_dict(),
-                     "config": cfg_dict, "student_tokenizer": tokenizer_digest(tokenizer), "history": self.histories[stage],
+                     "config": cfg_dict, "student_tokenizer": tokenizer_digest(tokenizer),
+                     "threads": torch.get_num_threads(), "history": self.histories[stage],
                      "histories": {k: v for k, v in self.histories.items() if k < stage}, "extra": self.extra}
             (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
             _fsync_tree(tmp)

@@ -35,9 +35,10 @@ def git_state() -> dict:
     if not (root / ".git").exists():
         return {"commit": None, "dirty": None}
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"commit": run("rev-parse", "HEAD") or None,
-                "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -47,7 +48,7 @@ def device_info() -> dict:
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                 "cuda": torch.version.cuda}
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch picked: they change floats too
+            "capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch picked: they change floats
 
 
 def run_manifest(config: dict, seed) -> dict:

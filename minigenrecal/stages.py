@@ -210,12 +210,12 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
         teacher.model.to(acc.device)
     batches = Batches(loader, g)
     history, step, in_row = [], 0, 0
-    ckpt_args = (acc, stage, asdict(cfg), module, opt, sched, batches, [recal] if stage == 3 and recal is not None else [],
-                 student.tokenizer)
+    riders = [recal] if stage == 3 and recal is not None else []  # saved beside the module it is no longer in
+    ckpt_args = (acc, stage, asdict(cfg), module, opt, sched, batches, riders, student.tokenizer)
     if checkpoint is not None:
         history, step, in_row = checkpoint.resume(*ckpt_args)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage}", disable=not progress or not acc.is_local_main_process,
-               leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage}", leave=False,
+               disable=not progress or not acc.is_local_main_process)
     module.train()
     while step < cfg.steps:
         skipped, ids, finite = False, [], torch.tensor(True, device=acc.device)
@@ -240,8 +240,8 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
         in_row = in_row + 1 if skipped else 0
         if in_row >= max_skips:
             names = [data.s[i].id for i in ids]
-            raise NonFiniteError(f"stage {stage}, step {step}: {in_row} steps in a row had a non-finite loss or gradient "
-                                 f"(last loss {rec['loss']}); the last batch's sample ids: {names} "
+            raise NonFiniteError(f"stage {stage}, step {step}: {in_row} steps in a row had a non-finite loss or "
+                                 f"gradient (last loss {rec['loss']}); the last batch's sample ids: {names} "
                                  f"(dataset indices {ids}, process {acc.process_index})")
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")

@@ -98,8 +98,8 @@ def run(a) -> dict:
         hist = train_stage(stage, student, data, cfgs[stage], teacher=teacher, recal=recal, teacher_head=head,
                            teacher_fn=cache.teacher_fn if cache is not None and stage in (1, 2) else None,
                            progress=not a.quiet, checkpoint=ckpt, max_skips=a.max_skips)
-        log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1], "skipped": sum(h.get("skipped", False) for h in hist),
-                                "history": hist}
+        log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1], "history": hist,
+                                "skipped": sum(h.get("skipped", False) for h in hist)}
         if a.state_out:
             torch.save({"params": _params(student, recal), "loss": hist[-1]["loss"]},
                        Path(a.state_out) / f"stage{stage}-rank{acc.process_index}.pt")
