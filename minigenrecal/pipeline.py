@@ -119,6 +119,10 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     res["seconds"] = time.time() - t_start
     res["manifest"] = manifest
     res.update(preset=preset.name, data_seed=data_seed, n_test=n_test, threads=torch.get_num_threads())
+    if preset.teacher == "tiny":  # which shipped teacher produced these numbers
+        import hashlib
+        from .tiny import TEACHER_DIR
+        res["teacher_file_sha256"] = hashlib.sha256((TEACHER_DIR / "model.safetensors").read_bytes()).hexdigest()
     (Path(out) / "summary.json").write_text(json.dumps(res, indent=1) + "\n")  # everything but the histories
     res["histories"] = run["histories"]
     return res

@@ -58,12 +58,18 @@ def _table_after(readme: str, marker: str) -> list[list[str]]:
 
 
 def test_readme_demo_table_equals_the_committed_demo_summary():
-    """'What `make demo` prints' equals results/demo_summary.json, written by `python -m minigenrecal demo`."""
+    """'What `make demo` prints' equals results/demo_summary.json, written by `python -m minigenrecal demo` with
+    the teacher that ships."""
+    import hashlib
     import json
     readme = (ROOT / "README.md").read_text()
     summary = json.loads((ROOT / "results" / "demo_summary.json").read_text())
     assert summary["preset"] == "tiny" and summary["data_seed"] == 0
-    assert f"{summary['n_test']} fresh test samples" in readme.split("What `make demo` prints", 1)[1].split("\n", 1)[0]
+    shipped = ROOT / "data_samples" / "tiny_teacher" / "model.safetensors"
+    assert summary["teacher_file_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest(), \
+        "the shipped teacher changed since the demo summary was made: rerun `python -m minigenrecal demo`"
+    intro = readme.split("What `make demo` prints", 1)[1].split("\n", 1)[0]
+    assert f"on {summary['threads']} CPU threads" in intro and f"{summary['n_test']} fresh test samples" in intro
     keys = {"teacher": "teacher", "student before": "student_before", **{
         f"student after stage {k}": f"student_after_stage{k}" for k in (1, 2, 3)}}
     rows = _table_after(readme, "What `make demo` prints")
