@@ -247,7 +247,7 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     from .stages import PairData, StageConfig, train_stage
     from .vlm import VLMView
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     with fixed_threads(threads):
         seed_everything(seed)
         model, proc = build_teacher(seed)
@@ -274,7 +274,8 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
             "eval": f"exact match on {n_val} val and {n_test} test items of data seed 0, before the fp16 save",
             "steps": steps, "n_train": n_train, "batch_size": batch_size, "lr": lr, "lr_end": lr_end,
             "warmup": warmup, "vision_lr_scale": vision_lr_scale, "seed": seed, "final_loss": hist[-1]["loss"],
-            "weights_sha256": digest, "seconds": round(time.time() - t0, 1), **_manifest(threads), **extra}
+            "weights_sha256": digest, "seconds": round(time.time() - t0, 1),
+            "cpu_seconds": round(time.process_time() - cpu0, 1), **_manifest(threads), **extra}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -29,4 +29,4 @@ def test_build_records_its_manifest(tmp_path):
     assert info["threads"] == 1 and "--threads 1" in info["command"]
     assert info["versions"]["torch"] == torch.__version__ and info["cpu_capability"]
     assert {"transformers", "tokenizers", "accelerate", "python"} <= info["versions"].keys()
-    assert "git_commit" in info and {"val_accuracy", "test_accuracy", "weights_sha256"} <= info.keys()
+    assert "git_commit" in info and {"val_accuracy", "test_accuracy", "weights_sha256", "cpu_seconds"} <= info.keys()
