@@ -116,6 +116,7 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
             assert d["grad_kl_main"] > 0 and d["grad_ce_student"] > 0
             assert 0 < d["grad_distill_share"] <= 1
     assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + 6
+    assert {f.name for f in (tmp_path / "seeds").iterdir()} == {f"seed{s}_{b}.json" for s in (0, 1) for b in T.blocks(plan)}
     text = (tmp_path / "README.md").read_text()
     assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
     saved = json.loads((tmp_path / "transfer.json").read_text())
@@ -144,3 +145,20 @@ def test_generation_budget_covers_every_answer_of_the_task():
     for model, proc in (load_warm_start("cross_tokenizer"), load_teacher()):
         view = VLMView(model, proc)
         assert max(len(view.answer_ids(s)) for s in samples) <= budget
+
+
+def test_committed_study_matches_its_reports():
+    """results/transfer holds the full study; its report, the README's table and the recomputed analysis agree."""
+    from minigenrecal.study import transfer as T
+    from minigenrecal.tiny import ROOT
+    out = ROOT / "results" / "transfer"
+    res = json.loads((out / "transfer.json").read_text())
+    plan = res["plan"]
+    assert len(plan["seeds"]) >= 6 and plan["n_test"] >= 2000 and not plan["quick"] and plan["eval_split"] == "test"
+    assert json.loads((out / "val_lr.json").read_text())["chosen_lr"] == plan["lr"]  # the one knob, chosen on val
+    assert T.analyse(res) == res["analysis"]  # every figure is recomputed from the per-item rows
+    assert "\n".join(T.report_lines(res)) in (out / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert all(line in readme for line in T.headline_lines(res)), "README's transfer table differs from the study"
+    nb = (ROOT / "notebooks" / "06_evaluation_and_ablations.ipynb").read_text()
+    assert "transfer.report_lines(study)" in nb and "README.md\").read_text()" in nb  # notebook 06 asserts the same

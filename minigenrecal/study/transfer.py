@@ -41,7 +41,9 @@ from . import stats
 from .warmstart import load_warm_start
 
 DATA_SEED = 0
+TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher"
 POSTERIOR_TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher_posterior"
+PLANNED_DISCORDANCE, PLANNED_SEED_SD = 0.30, 0.02  # assumed before the test run (the report states them)
 PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, METHOD.md): the yardstick for "testable here"
 TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
 VARIANTS = {  # all run at the headline noise level; none is the paper's own method
@@ -116,7 +118,7 @@ def _mode(s: Sample) -> Sample:
 
 
 def build_context(plan: Plan, task: str = "shapes") -> Context:
-    from ..tiny import TEACHER_DIR, load_teacher
+    from ..tiny import load_teacher
     model, proc = load_teacher(TEACHER_DIR if task == "shapes" else POSTERIOR_TEACHER_DIR)
     teacher = VLMView(model.requires_grad_(False).eval(), proc, name="teacher")
     cross = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
@@ -257,13 +259,40 @@ def oracle_labelled(ctx: Context) -> list[Sample]:
     return out
 
 
+def blocks(plan: Plan) -> list[str]:
+    """A seed's work in order, headline first; each block's rows are saved on their own (OUT/seeds/), so a study
+    that is stopped keeps every finished block, and a rerun with a wider plan trains only what is missing."""
+    head = f"noise{plan.headline_rho:g}"
+    out = [head, "seq_kd"] + ([f"{head}_variants"] if plan.variants and plan.headline_rho in plan.rhos else [])
+    out += [f"noise{rho:g}" for rho in plan.rhos if rho != plan.headline_rho]
+    return out + (["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else [])
+
+
 def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
-    """Every row of one seed (all regimes); written to OUT/seeds/seed{seed}.json when complete."""
+    """Every row of one seed, block by block (see `blocks`); returns the rows of the plan's blocks."""
     torch.set_num_threads(1)
-    path = out / "seeds" / f"seed{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())["rows"]
-    ctx = build_context(plan, "shapes")
+    rows, ctxs = [], {}
+
+    def context(task):
+        if task not in ctxs:
+            ctxs[task] = build_context(plan, task)
+        return ctxs[task]
+
+    for block in blocks(plan):
+        path = out / "seeds" / f"seed{seed}_{block}.json"
+        if path.exists():
+            rows += json.loads(path.read_text())["rows"]
+            continue
+        ctx = context("posterior" if block == "posterior" else "shapes")
+        got = run_block(ctx, block, seed, log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seed": seed, "block": block, "rows": got}) + "\n")
+        rows += got
+    return rows
+
+
+def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
+    """The rows of one block of one seed."""
     rows = []
 
     def add(regime, method, t0, metrics, **extra):
@@ -289,17 +318,18 @@ def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
                 add(regime, "genrecal_after_stage2", t0, mid["row"], diagnosis=diag["after_stage2"])
             add(regime, name, t0, evaluate(student, ctx, noisy), diagnosis=diag)
 
-    regime_rows(None, ctx.train, ["seq_kd"], {})
-    for rho in plan.rhos:
-        noisy, _ = label_noise(ctx.train, rho, seed)
-        runs = {"genrecal": {}} | (VARIANTS if plan.variants and rho == plan.headline_rho else {})
-        regime_rows(f"noise{rho:g}", noisy, ["sft", "same_arch_sft", "same_tokenizer_kd"], runs)
-    if plan.posterior and POSTERIOR_TEACHER_DIR.exists():
-        ctx = build_context(plan, "posterior")
+    if block == "seq_kd":
+        regime_rows(None, ctx.train, ["seq_kd"], {})
+    elif block == "posterior":
         regime_rows("posterior", ctx.labelled, ["sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle"],
                     {"genrecal": {}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seed": seed, "rows": rows}) + "\n")
+    else:
+        regime = block.removesuffix("_variants")
+        noisy, _ = label_noise(ctx.train, float(regime.removeprefix("noise")), seed)
+        if block.endswith("_variants"):
+            regime_rows(regime, noisy, [], VARIANTS)
+        else:
+            regime_rows(regime, noisy, ["sft", "same_arch_sft", "same_tokenizer_kd"], {"genrecal": {}})
     return rows
 
 
@@ -404,8 +434,14 @@ def analyse(result: dict) -> dict:
             if k in rs[0]:
                 summary[key][k] = float(np.mean([x[k] for x in rs]))
     comps = []
+    have = {}
+    for r in rows:
+        have.setdefault((r["regime"], r["method"]), set()).add(r["seed"])
     for ra, a, rb, b, what in comparisons(plan, any(r["regime"] == "posterior" for r in rows)):
-        A, B = matrix(rows, ra, a, seeds), matrix(rows, rb, b, seeds)
+        both = sorted(have.get((ra, a), set()) & have.get((rb, b), set()))  # a stopped study: the seeds both have
+        if not both:
+            continue
+        A, B = matrix(rows, ra, a, both), matrix(rows, rb, b, both)
         boot = stats.paired_bootstrap(A, B)
         comps.append({"a": f"{ra}|{a}", "b": f"{rb}|{b}", "what": what, **boot, **{f"mcnemar_{k}": v for k, v in
                       stats.mcnemar(A, B).items()}, "verdict": stats.verdict(boot["ci95"], PAPER_GAP)})
@@ -501,6 +537,23 @@ def plot_diagnosis(result: dict):
     return fig
 
 
+def headline_lines(result: dict) -> list[str]:
+    """The compact table the top-level README carries: each regime's gains, points with 95% intervals."""
+    comps = {(c["a"], c["b"]): c for c in result["analysis"]["comparisons"]}
+    cell = lambda c: "n/a" if c is None else f"{_pts(c['diff'])} [{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]"
+    regimes = sorted({c["b"].split("|")[0] for c in comps.values()}, key=lambda r: (r == "posterior", r))
+    L = ["| regime | SFT acc. (%) | logit KD - its SFT control | GenRecal - SFT | GenRecal after stage 2 - SFT | "
+         "sequence KD - SFT |", "|---|---|---|---|---|---|"]
+    for r in regimes:
+        sft = result["analysis"]["summary"].get(f"{r}|sft", {}).get("accuracy_mean", float("nan"))
+        seq = "posterior" if r == "posterior" else "teacher_labels"
+        L.append(f"| {r} | {100 * sft:.1f} | {cell(comps.get((f'{r}|same_tokenizer_kd', f'{r}|same_arch_sft')))} | "
+                 f"{cell(comps.get((f'{r}|genrecal', f'{r}|sft')))} | "
+                 f"{cell(comps.get((f'{r}|genrecal_after_stage2', f'{r}|sft')))} | "
+                 f"{cell(comps.get((f'{seq}|seq_kd', f'{r}|sft')))} |")
+    return L
+
+
 def report_lines(result: dict) -> list[str]:
     """The report's tables (also what notebook 06 shows): one list of markdown lines."""
     plan, an = result["plan"], result["analysis"]
@@ -531,6 +584,8 @@ def write_report(result: dict, out: Path) -> str:
     plan = result["plan"]
     plot = write_plot(result, out)
     L = ["# Does the Recalibrator pass on what the teacher knows?", ""]
+    if result.get("partial"):
+        L += [f"**Partial: {result['partial']} before the study was stopped; the tables cover those seeds.**", ""]
     if plan["quick"]:
         L += ["**Quick smoke run (`--quick`): a handful of steps and items. These numbers mean nothing.**", ""]
     L += [f"Generated by `python -m minigenrecal transfer --seeds {' '.join(map(str, plan['seeds']))} --out {out.name}"
@@ -540,6 +595,18 @@ def write_report(result: dict, out: Path) -> str:
           f"{plan['steps'][1] + plan['steps'][2]} steps; batch {plan['batch_size']}; LR {plan['lr']} -> "
           f"{plan['lr_end']}; {plan['n_train']} training samples; {plan['n_test']} {plan['eval_split']} items; "
           f"seeds {plan['seeds']}.", "", f"![gains]({plot})", "", "![diagnosis](diagnosis.png)", ""]
+    for name, d in (("shapes", TEACHER_DIR), ("posterior", POSTERIOR_TEACHER_DIR)):
+        if (d / "training.json").exists():
+            info = json.loads((d / "training.json").read_text())
+            L.append(f"- Teacher ({name} task): `data_samples/{d.name}`, weights sha256 "
+                     f"`{info.get('weights_sha256', '?')[:12]}`, val / test exact match {info.get('val_accuracy')} / "
+                     f"{info.get('test_accuracy')} (`{info.get('command', '?')}`).")
+    L.append("")
+    planned = stats.planned_mde(len(plan["seeds"]), plan["n_test"], PLANNED_DISCORDANCE, PLANNED_SEED_SD)
+    L += [f"Power, stated before the run: {len(plan['seeds'])} seeds x {plan['n_test']} paired items, assuming "
+          f"{100 * PLANNED_DISCORDANCE:.0f}% discordant item pairs and a seed-to-seed sd of the gap of "
+          f"{100 * PLANNED_SEED_SD:.0f} points, detect a true gap of {100 * planned:.1f} points with 80% power at 5%. "
+          "The MDE column gives the same figure from the measured spread of each comparison.", ""]
     L += report_lines(result)
     L += ["", "Verdict rule: a claim 'a > b' holds if the 95% interval (two-level paired bootstrap over seeds and "
           "items: it carries test-set noise and seed spread) lies above 0; it does not hold if the interval lies below "
@@ -571,7 +638,14 @@ def add_command(sub) -> None:
     def run(a):
         out = Path(a.out)
         if a.report_only:
-            res = json.loads((out / "transfer.json").read_text())
+            if (out / "transfer.json").exists():
+                res = json.loads((out / "transfer.json").read_text())
+            else:  # an interrupted study: report the seeds that completed, and say so
+                per = [json.loads(f.read_text()) for f in sorted(out.glob("seeds/seed*_*.json"))]
+                plan = Plan(seeds=sorted({d["seed"] for d in per}), rhos=a.rhos, n_test=a.n_test, lr=a.lr,
+                            eval_split=a.eval_split, variants=not a.no_variants, posterior=not a.no_posterior)
+                res = {"plan": asdict(plan), "rows": [r for d in per for r in d["rows"]], "jobs": a.jobs,
+                       "runtime_seconds": float("nan"), "partial": f"{len(per)} seed-block(s) completed"}
             res["analysis"] = analyse(res)
             (out / "transfer.json").write_text(json.dumps(res, indent=1) + "\n")
             write_report(res, out)
