@@ -7,18 +7,15 @@ Tokenizing the two parts separately mirrors generation, where the model continue
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Sample
+from .data import Sample, SampleError, to_rgb  # SampleError: a sample that cannot be used, named in the message
 from .losses import answer_rows
-
-
-class SampleError(ValueError):
-    """A sample that cannot be rendered; the message names the sample and the problem."""
 
 
 @dataclass
@@ -149,6 +146,29 @@ class VLMView:
                 return ids[: j + 1]
         return ids + [self.tokenizer.eos_token_id]
 
+    @cached_property
+    def end_of_turn_strings(self) -> list[str]:
+        """Text that ends a turn: the end-of-turn/EOS tokens, and what the chat template writes after an answer."""
+        ends = {t for t in self.tokenizer.convert_ids_to_tokens(sorted(self.eot_ids)) if t}
+        probe = Sample(None, "Q", "ANSWER")
+        prompt = self.prompt(probe)
+        full = self.tokenizer.apply_chat_template(self._messages(probe, True), chat_template=self.chat_template,
+                                                  tokenize=False)
+        tail = full[len(prompt):].partition("ANSWER")[2].strip() if full.startswith(prompt) else ""
+        return sorted(ends | ({tail} if tail else set()))
+
+    def check_text(self, s: Sample) -> None:
+        """Reject an answer holding an image placeholder, or a question/answer holding an end-of-turn string."""
+        for tag in sorted({getattr(self.processor, "image_token", None) or "<image>", "<image>"}):
+            if tag in s.answer:
+                raise SampleError(f"sample {s.id}: the answer contains the image placeholder {tag!r} "
+                                  "(the image belongs to the question)")
+        for end in self.end_of_turn_strings:
+            for part, text in (("answer", s.answer), ("question", s.question)):
+                if end in text:
+                    raise SampleError(f"sample {s.id}: the {part} contains the end-of-turn string {end!r} "
+                                      f"of {self.name}, which would end the turn inside it")
+
     def _vision_inputs(self, s: Sample, prompt: str) -> dict:
         try:
             return dict(self.processor(text=[prompt], images=[[s.image]], return_tensors="pt"))
@@ -161,6 +181,8 @@ class VLMView:
             raise SampleError(f"sample {s.id}: no image (every GenRecal sample needs one)")
         if not s.answer or not s.answer.strip():
             raise SampleError(f"sample {s.id}: empty answer")
+        self.check_text(s)
+        s = replace(s, image=to_rgb(s.image, s.id))  # 8-bit RGB, converted faithfully (16-bit, palette, alpha)
         prompt = self.prompt(s)
         n_placeholders = prompt.count(getattr(self.processor, "image_token", "<image>"))
         if n_placeholders != 1:
@@ -178,8 +200,8 @@ class VLMView:
         if len(a) < 2:
             raise SampleError(f"sample {s.id}: the answer renders to no token before end-of-turn")
         if len(q) + len(a) > self.max_length:
-            raise SampleError(f"sample {s.id}: the answer is truncated away by max_length={self.max_length} "
-                              f"({self.name}: question {len(q)} + answer {len(a)} tokens)")
+            raise SampleError(f"sample {s.id}: rejected, too long for max_length={self.max_length} ({self.name}: "
+                              f"question {len(q)} + answer {len(a)} tokens); raise max_length or shorten it")
         mm = out.pop("mm_token_type_ids", None)
         if mm is not None:
             out["mm_token_type_ids"] = mm[0]  # per-token; re-padded in collate
@@ -243,8 +265,8 @@ class VLMView:
         in THIS model's tokenizer: a caption is 26 tokens for the tiny student (test_vlm checks the bound)."""
         prompts = [self.prompt(s) for s in samples]
         dev = next(self.model.parameters()).device
-        inputs = self.processor(text=prompts, images=[[s.image] for s in samples], return_tensors="pt",
-                                padding=True, padding_side="left")
+        images = [[to_rgb(s.image, s.id)] for s in samples]
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.pad_id, eos_token_id=sorted(self.eot_ids))

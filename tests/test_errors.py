@@ -34,11 +34,12 @@ def test_empty_answer(tiny_pair, answer):
         make_student().encode(Sample(s.image, s.question, answer, id="empty-a"))
 
 
-def test_answer_truncated_by_max_length(tiny_pair):
+def test_too_long_sample_is_rejected_not_truncated(tiny_pair):
     teacher, _ = tiny_pair
     s = _ok()
     short = VLMView(teacher.model, teacher.processor, max_length=teacher.encode(s).q_len + 1, name="teacher")
-    with pytest.raises(SampleError, match=r"sample train-0-0: the answer is truncated away by max_length"):
+    with pytest.raises(SampleError, match=r"sample train-0-0: rejected, too long for max_length=\d+ \(teacher: "
+                                          r"question \d+ \+ answer \d+ tokens\)"):
         short.encode(s)
 
 
