@@ -13,6 +13,13 @@ def _quiet():
     logging.set_verbosity_error()
 
 
+def add_preset_option(p, default: str = "tiny") -> None:
+    """`--preset`: one of config.PRESETS, whose names the help lists."""
+    from .config import PRESETS
+    p.add_argument("--preset", default=default, choices=list(PRESETS), metavar="NAME",
+                   help=f"named preset, one of: {', '.join(PRESETS)} (default: {default})")
+
+
 def cmd_demo(a):
     import torch
     from .config import get_preset
@@ -26,6 +33,7 @@ def cmd_demo(a):
     print(f"student before           {res['student_before']:.3f}")
     for st in (1, 2, 3):
         print(f"student after stage {st}    {res[f'student_after_stage{st}']:.3f}")
+    print(f"skipped samples          {res['skipped']} (ids and reasons in {a.out}/skipped.jsonl)")
     print(f"wall time                {res['seconds']:.0f} s")
     print(f"final student saved to   {a.out}/student; numbers in {a.out}/summary.json")
 
@@ -48,38 +56,44 @@ def cmd_make_teacher(a):
     print(json.dumps(info))
 
 
-def main(argv=None):
-    _quiet()
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the core subcommands and those that live in their own modules."""
     p = argparse.ArgumentParser(prog="python -m minigenrecal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="teacher -> stages 1, 2, 3 -> evaluation on the tiny pair (CPU, offline)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--preset", default="tiny")
-    d.add_argument("--data-seed", type=int, default=0)
-    d.add_argument("--n-test", type=int, default=500)
+    d.add_argument("--out", default="runs/demo", help="output directory (student, summary.json, manifest.json)")
+    add_preset_option(d)
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and test splits")
+    d.add_argument("--n-test", type=int, default=500, help="test samples for the accuracies")
     d.add_argument("--checkpoint-every", type=int, default=50,
                    help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
     d.add_argument("--resume", default=None, metavar="DIR",
                    help="continue a killed run from its latest complete checkpoint (the run's OUT, or OUT/checkpoints)")
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser("evaluate", help="exact-match accuracy of a saved student on fresh synthetic samples")
-    e.add_argument("--student", required=True)
-    e.add_argument("--data-seed", type=int, default=1)
-    e.add_argument("--split", default="test")
-    e.add_argument("--n", type=int, default=500)
+    e.add_argument("--student", required=True, help="directory of a saved student (model and processor)")
+    e.add_argument("--data-seed", type=int, default=1, help="seed of the synthetic samples")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic split to score")
+    e.add_argument("--n", type=int, default=500, help="samples to score")
     e.set_defaults(fn=cmd_evaluate)
     m = sub.add_parser("make-teacher", help="train the tiny teacher and save it (the shipped checkpoint)")
     from .tiny import TEACHER_DIR
-    m.add_argument("--out", default=str(TEACHER_DIR))
-    m.add_argument("--steps", type=int, default=3000)
-    m.add_argument("--n-train", type=int, default=20000)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", default=str(TEACHER_DIR), help="where to save it (default: the shipped teacher)")
+    m.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    m.add_argument("--n-train", type=int, default=20000, help="synthetic training samples")
+    m.add_argument("--seed", type=int, default=0, help="init and data seed")
     m.add_argument("--threads", type=int, default=1, help="torch threads; the same count gives the same weights")
-    m.add_argument("--task", default="shapes", choices=["shapes", "posterior"])
+    m.add_argument("--task", default="shapes", choices=["shapes", "posterior"],
+                   help="synthetic task: 'shapes' (answers fixed by the image) or 'posterior' (blended colours)")
     m.set_defaults(fn=cmd_make_teacher)
     for extra in _extra_commands():
         extra(sub)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    _quiet()
+    a = build_parser().parse_args(argv)
     a.fn(a)
 
 

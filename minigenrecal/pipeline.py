@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
@@ -31,8 +32,13 @@ def load_pair(preset: Preset, student_seed: int = 0) -> tuple[VLMView, VLMView]:
             VLMView(s_model, s_proc, preset.max_length, name="student"))
 
 
-def encode_all(view: VLMView, samples: list[Sample], skip_bad: bool = False) -> tuple[list[Encoded], list[str]]:
-    """Render every sample; with skip_bad, bad samples are skipped and their errors returned (never silently)."""
+def skip_record(s: Sample, e: SampleError) -> dict:
+    """One line of a skip report: the sample's id and the reason it was left out."""
+    return {"id": s.id, "reason": str(e).removeprefix(f"sample {s.id}: ")}
+
+
+def encode_all(view: VLMView, samples: list[Sample], skip_bad: bool = False) -> tuple[list[Encoded], list[dict]]:
+    """Render every sample; with skip_bad, bad samples are skipped and returned as {"id", "reason"} (never silently)."""
     encs, skipped = [], []
     for s in samples:
         try:
@@ -40,21 +46,52 @@ def encode_all(view: VLMView, samples: list[Sample], skip_bad: bool = False) -> 
         except SampleError as e:
             if not skip_bad:
                 raise
-            skipped.append(str(e))
+            skipped.append(skip_record(s, e))
     return encs, skipped
 
 
-def encode_pairs(teacher: VLMView, student: VLMView, samples: list[Sample]) -> PairData:
-    return PairData([student.encode(s) for s in samples], [teacher.encode(s) for s in samples])
+def encode_pairs(teacher: VLMView | None, student: VLMView, samples: list[Sample], skipped: list | None = None
+                 ) -> PairData:
+    """Render every sample on both sides (teacher None: the student alone). A sample that either side rejects
+    raises SampleError; with a `skipped` list it is left out of both sides and recorded there instead."""
+    s_encs, t_encs = [], []
+    for s in samples:
+        try:
+            pair = student.encode(s), (teacher.encode(s) if teacher is not None else None)
+        except SampleError as e:
+            if skipped is None:
+                raise
+            skipped.append(skip_record(s, e))
+            continue
+        s_encs.append(pair[0])
+        t_encs.append(pair[1])
+    if not s_encs and samples:
+        raise ValueError(f"no usable sample: all {len(samples)} were rejected (first: {skipped[0]})")
+    return PairData(s_encs, t_encs if teacher is not None else None)
+
+
+def write_skip_report(out, skipped: list[dict]) -> Path:
+    """OUT/skipped.jsonl: one JSON line per skipped sample, {"id": ..., "reason": ...} (empty when none)."""
+    path = Path(out) / "skipped.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in skipped))
+    return path
 
 
 def run_genrecal(teacher: VLMView, student: VLMView, train: list[Sample], stages: dict[int, StageConfig],
                  depth: int = 2, answer_input: str = "features", until: int = 3, progress: bool = True,
-                 seed: int = 0, callback=None, *, checkpoint: Checkpointer | None = None) -> dict:
-    """Stages 1..`until`; returns the Recalibrator and per-stage histories. The student is trained in place.
+                 seed: int = 0, callback=None, *, checkpoint: Checkpointer | None = None, strict: bool = False) -> dict:
+    """Stages 1..`until`; returns the Recalibrator, per-stage histories and the skipped samples. The student is
+    trained in place.
 
+    A sample that either side cannot render is skipped, said so on stdout, and listed in the result's 'skipped'
+    ({"id", "reason"} each); `strict=True` raises on the first one instead.
     With `checkpoint`, stages finished before its resume point are not rerun (nor is `callback` for them)."""
-    data = encode_pairs(teacher, student, train)
+    skipped = None if strict else []
+    data = encode_pairs(teacher, student, train, skipped)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(train)} training samples that cannot be rendered "
+              f"(first: {skipped[0]['id']}: {skipped[0]['reason']})")
     torch.manual_seed(seed)
     recal = Recalibrator(teacher.d, student.text_config, depth)
     histories = {}
@@ -68,7 +105,7 @@ def run_genrecal(teacher: VLMView, student: VLMView, train: list[Sample], stages
         histories[stage][-1]["stage_seconds"] = time.time() - t0
         if callback is not None:
             callback(stage, student)
-    return {"recal": recal, "histories": histories}
+    return {"recal": recal, "histories": histories, "skipped": skipped or []}
 
 
 def run_sft(student: VLMView, train: list[Sample], cfg: StageConfig, progress: bool = True) -> list[dict]:
@@ -113,6 +150,8 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     for st, acc in after.items():
         res[f"student_after_stage{st}"] = acc
     res["student_after"] = after[3]
+    res["skipped"] = len(run["skipped"])  # ids and reasons in OUT/skipped.jsonl
+    write_skip_report(out, run["skipped"])
     out_dir = Path(out) / "student"
     student.model.save_pretrained(out_dir)
     student.processor.save_pretrained(out_dir)

@@ -5,8 +5,11 @@
     accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --steps 1   # CPU, gloo
 
 Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
-runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON. `--cache DIR`
+runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON/JSONL. `--cache DIR`
 (from `cache-teacher` over the same samples) trains stages 1-2 without the teacher body: only its head is loaded.
+
+A sample that cannot be read or rendered is skipped and recorded (id and reason) in OUT/skipped.jsonl, and the
+count is printed; `--strict` fails on the first one instead.
 
 Checkpoints go to OUT/checkpoints every `--checkpoint-every` optimizer steps and at each stage's end;
 `--resume OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
@@ -48,11 +51,13 @@ def run(a) -> dict:
     from .manifest import run_manifest, write_manifest
     from .data import make_split, read_llava_json
     from .recalibrator import Recalibrator
-    from .stages import PairData, get_accelerator, train_stage
+    from .stages import get_accelerator, train_stage
 
     preset = get_preset(a.preset)
     torch.manual_seed(a.seed)
-    samples = read_llava_json(a.data, a.image_root) if a.data else make_split(a.data_seed, "train", a.n or preset.n_train)
+    skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
+    samples = (read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
+               else make_split(a.data_seed, "train", a.n or preset.n_train))
     teacher, cache = None, None
     if a.cache:
         from .cache import TeacherCache
@@ -76,8 +81,9 @@ def run(a) -> dict:
         student = with_saved_tokenizer(student, ckpt)
     elif a.checkpoint_every > 0 and not a.no_save:
         ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
-    data = PairData([student.encode(s) for s in samples],
-                    None if teacher is None else [teacher.encode(s) for s in samples])
+    from .pipeline import encode_pairs, write_skip_report
+    # a teacher cache is indexed by position: with one, a sample the student cannot render must fail the run
+    data = encode_pairs(teacher, student, samples, None if cache is not None else skipped)
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
     acc = get_accelerator()
@@ -90,7 +96,13 @@ def run(a) -> dict:
     config = {k: v for k, v in vars(a).items() if k != "fn"}
     manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
                              "world_size": acc.num_processes}, a.seed)
-    log = {"preset": preset.name, "world_size": acc.num_processes, "manifest": manifest, "stages": {}}
+    log = {"preset": preset.name, "world_size": acc.num_processes, "manifest": manifest, "stages": {},
+           "samples": len(data), "skipped": len(skipped or [])}
+    if acc.is_main_process:
+        if not a.no_save:
+            write_skip_report(out, skipped or [])
+        print(f"training on {len(data)} samples; skipped {len(skipped or [])} bad sample(s)"
+              + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
     if acc.is_main_process and not a.no_save:
         write_manifest(out, manifest)
     for stage in stages:
@@ -112,19 +124,28 @@ def run(a) -> dict:
 
 
 def add_command(sub) -> None:
+    from .cli import add_preset_option
+    from .data import MULTI_TURN
     t = sub.add_parser("train", help="stages 1-3 for a preset (launch with `accelerate launch -m minigenrecal train`)")
-    t.add_argument("--preset", default="tiny")
+    add_preset_option(t)
     t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
-    t.add_argument("--data", default=None, help="LLaVA conversation JSON (default: the synthetic train split)")
-    t.add_argument("--image-root", default=None)
+    t.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
+                                                "(default: the synthetic train split)")
+    t.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
+                                                      "(default: the data file's folder)")
+    t.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
+                   help="records with several question/answer pairs: reject them (default), 'context' (each answer "
+                        "with the earlier turns as text), or 'split' (each pair on its own, earlier turns dropped)")
+    t.add_argument("--strict", action="store_true",
+                   help="fail on the first bad sample instead of skipping it (skipped ones go to OUT/skipped.jsonl)")
     t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
-    t.add_argument("--data-seed", type=int, default=0)
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
     t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")
     t.add_argument("--tiny-random", action="store_true", help="the preset's model classes at tiny size, random init")
     t.add_argument("--steps", type=int, default=None, help="override every stage's steps")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--grad-accum", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
+    t.add_argument("--grad-accum", type=int, default=None, help="override every stage's gradient accumulation steps")
+    t.add_argument("--seed", type=int, default=0, help="Recalibrator init and data-order seed")
     t.add_argument("--out", default=None, help="default: runs/train, or the resumed run's directory")
     t.add_argument("--no-save", action="store_true", help="write nothing under OUT (no student, no checkpoints)")
     t.add_argument("--checkpoint-every", type=int, default=100,
@@ -134,7 +155,7 @@ def add_command(sub) -> None:
     t.add_argument("--max-skips", type=int, default=3,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     t.add_argument("--state-out", default=None, help=argparse_hidden())
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=run)
 
 

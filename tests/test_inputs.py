@@ -190,3 +190,44 @@ def test_reader_skips_and_records_bad_records_when_asked(tmp_path):
     assert [s.id for s in samples] == ["ok#0", "ok2#0"]
     assert [r["id"] for r in skipped] == ["cut", "two"]
     assert "truncated" in skipped[0]["reason"] and "several images per record" in skipped[1]["reason"]
+
+
+# -- a run skips bad samples and records them ----------------------------------------------------------------
+def test_run_genrecal_skips_bad_samples_on_either_side_and_strict_fails(tiny_pair, capsys):
+    from minigenrecal.pipeline import run_genrecal
+    from minigenrecal.stages import StageConfig
+    teacher, make_student = tiny_pair
+    good = [make_sample(0, "train", i) for i in range(3)]
+    s = good[0]
+    bad_t = Sample(s.image, s.question, "two <|im_end|> shapes", id="bad-teacher")  # only the teacher's end-of-turn
+    bad_s = Sample(s.image, s.question, "two <end_of_utterance> shapes", id="bad-student")  # only the student's
+    train = [good[0], bad_t, good[1], bad_s, good[2]]
+    stages = {1: StageConfig(steps=1, batch_size=2)}
+    run = run_genrecal(teacher, make_student(), train, stages, until=1, progress=False)
+    assert [r["id"] for r in run["skipped"]] == ["bad-teacher", "bad-student"]
+    assert "end-of-turn string '<|im_end|>' of teacher" in run["skipped"][0]["reason"]
+    assert "end-of-turn string '<end_of_utterance>' of student" in run["skipped"][1]["reason"]
+    assert "skipped 2 of 5 training samples" in capsys.readouterr().out
+    with pytest.raises(SampleError, match=r"sample bad-teacher: the answer contains the end-of-turn string"):
+        run_genrecal(teacher, make_student(), train, stages, until=1, progress=False, strict=True)
+
+
+def test_train_command_writes_a_skip_report_and_strict_fails_fast(tmp_path, capsys):
+    from minigenrecal.cli import main
+    good = [make_sample(0, "train", i) for i in range(4)]
+    path = write_llava_json(good, tmp_path)
+    records = json.loads(path.read_text())
+    eot = _record("eot", image=records[0]["image"], turns=[("<image>\nq", "two <|im_end|> shapes")])
+    records[1:1] = [_record("cut", image=_truncated_png(tmp_path)), eot]
+    path = _write(tmp_path, records, "mixed.jsonl")
+    args = ["train", "--preset", "tiny", "--data", str(path), "--stages", "1", "--steps", "1", "--batch-size", "2",
+            "--checkpoint-every", "0", "--quiet"]
+    main(args + ["--out", str(tmp_path / "run")])
+    report = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in report] == ["cut", "eot#0"]
+    assert "truncated" in report[0]["reason"] and "end-of-turn string '<|im_end|>'" in report[1]["reason"]
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["samples"] == 4 and log["skipped"] == 2
+    assert "training on 4 samples; skipped 2 bad sample(s)" in capsys.readouterr().out
+    with pytest.raises(SampleError, match=r"sample cut: image file 'cut.png' cannot be decoded"):
+        main(args + ["--out", str(tmp_path / "strict"), "--strict"])
