@@ -337,18 +337,19 @@ def print_table(rows: list[dict]) -> None:
 
 
 def add_command(sub) -> None:
+    from .cli import add_preset_option
     b = sub.add_parser("bench", help="stage 1/2 step time, tokens/s, peak memory and MFU from config dimensions")
-    b.add_argument("--preset", default="smolvlm-256m<-qwen2-vl-2b")
+    add_preset_option(b, default="smolvlm-256m<-qwen2-vl-2b")
     b.add_argument("--random-weights", action="store_true", help="required: models are random-init from DIMS")
     b.add_argument("--scale", type=float, default=None, help="shrink widths/depths/vocab (default 1 on CUDA, 0.05 on CPU)")
-    b.add_argument("--batch", type=int, default=None)
+    b.add_argument("--batch", type=int, default=None, help="samples per step (default 4 on CUDA, 2 on CPU)")
     b.add_argument("--lq", type=int, default=None, help="question tokens (student; teacher uses the same)")
     b.add_argument("--la", type=int, default=None, help="answer tokens")
-    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     b.add_argument("--chunk", type=int, default=1024, help="teacher-head loss chunk (0: naive)")
     b.add_argument("--cache", action="store_true", help="no teacher body (stages 1-2 from a teacher cache)")
-    b.add_argument("--stages", default="1,2")
-    b.add_argument("--peak-tflops", type=float, default=989.0)
+    b.add_argument("--stages", default="1,2", help="comma-separated stages to time")
+    b.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak bf16 TFLOP/s, for MFU")
     b.add_argument("--gpus", type=int, default=1, help="GPU count for the printed memory estimate (ZeRO-3 sharding)")
     b.add_argument("--estimate-only", action="store_true", help="print every preset's memory estimate; build nothing")
     b.add_argument("--capacity-gib", type=float, default=None, help="memory to refuse above (default: the GPU's)")

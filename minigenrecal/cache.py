@@ -184,15 +184,17 @@ def cmd_cache_teacher(a):
 
 
 def add_command(sub) -> None:
+    from .cli import add_preset_option
     c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the train split and store its features")
-    c.add_argument("--preset", default="tiny")
+    add_preset_option(c)
     c.add_argument("--n", type=int, default=None, help="samples (default: the preset's n_train)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", required=True, help="cache directory to write")
+    c.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
+    c.add_argument("--batch-size", type=int, default=32, help="samples per teacher forward")
     c.add_argument("--shard-size", type=int, default=4096, help="samples per shard file")
     c.add_argument("--dtype", default="bfloat16", help="stored feature dtype (bfloat16, float16, float32)")
-    c.add_argument("--answer-input", default="features", choices=["features", "embeddings"])
+    c.add_argument("--answer-input", default="features", choices=["features", "embeddings"],
+                   help="what the Recalibrator reads at answer positions: teacher features or answer embeddings")
     c.add_argument("--teacher-dir", default=None, help="tiny preset: a teacher checkpoint other than the shipped one")
 
     def run(a):

@@ -153,14 +153,14 @@ def cmd_assignment(a):
 def add_command(sub):
     g = sub.add_parser("grade", help="execute a filled-in notebook; print one JSON line per exercise (name, passed, "
                                      "hint); exit 1 unless all pass")
-    g.add_argument("notebook")
+    g.add_argument("notebook", help="the filled-in notebook (.ipynb) to execute")
     g.add_argument("--smoke", action="store_true", help=f"run with {SMOKE_ENV}=1: fewer training steps, same checks")
     g.add_argument("--exercises-only", action="store_true", help="run only the exercise cells (seconds, not minutes)")
     g.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     g.set_defaults(fn=cmd_grade)
     s = sub.add_parser("assignment", help="write nbgrader source notebooks: reference solutions inside "
                                           "### BEGIN/END SOLUTION, check cells that raise on failure")
-    s.add_argument("notebooks", nargs="+")
+    s.add_argument("notebooks", nargs="+", help="reference notebooks (.ipynb) to turn into assignments")
     s.add_argument("--out", required=True, help="e.g. course/source/genrecal (nbgrader's source/<assignment>/)")
     s.add_argument("--exercises-only", action="store_true", help="keep the title and the coding exercises only")
     s.set_defaults(fn=cmd_assignment)

@@ -417,17 +417,18 @@ def write_report(result: dict, out: Path) -> str:
 # -- command line --------------------------------------------------------------------------------------------
 def add_command(sub) -> None:
     r = sub.add_parser("reproduce", help="the scaled-down reproduction table on the tiny pair (CPU, offline)")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--out", default="results")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (one row per seed)")
+    r.add_argument("--out", default="results", help="output directory (tiny.json, README.md, plots)")
     r.add_argument("--quick", action="store_true", help="one seed, a few steps, few samples (a smoke test)")
     r.add_argument("--steps-scale", type=float, default=1.0, help="x the tiny preset's steps per stage")
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--n-train", type=int, default=1000)
+    r.add_argument("--batch-size", type=int, default=32, help="batch size of every stage and baseline")
+    r.add_argument("--n-train", type=int, default=1000, help="training samples of the main rows")
     r.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 4000], help="data-scale sweep sizes")
-    r.add_argument("--n-test", type=int, default=300)
-    r.add_argument("--eval-split", default="test", choices=["test", "val"])
+    r.add_argument("--n-test", type=int, default=300, help="evaluation samples")
+    r.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="split to evaluate on (val for choosing knobs)")
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 if the machine is shared)")
-    r.add_argument("--teacher-dir", default=None)
+    r.add_argument("--teacher-dir", default=None, help="a tiny teacher checkpoint other than the shipped one")
 
     r.add_argument("--report-only", action="store_true",
                    help="re-render OUT/README.md and the plots from an existing OUT/tiny.json (no training)")
