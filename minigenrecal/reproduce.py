@@ -190,6 +190,9 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     result = {"rows": rows, "budgets": plan.budgets(), "runtime_seconds": 0.0, "quick": plan.quick, "complete": False}
+    from .manifest import run_manifest, write_manifest
+    result["manifest"] = write_manifest(out, run_manifest({"quick": quick, "teacher_dir": teacher_dir, **plan_kw,
+                                                           "budgets": plan.budgets()}, seeds))
 
     def add(method, seed, n, metrics, seconds, **extra):
         row = {"method": method, "seed": seed, "train_size": n, **metrics, "seconds": round(seconds, 2), **extra}

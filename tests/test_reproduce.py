@@ -18,6 +18,8 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_json_schema(quick_run):
     out, res, _ = quick_run
+    from minigenrecal.manifest import FIELDS
+    assert set(FIELDS) <= res["manifest"].keys() and json.loads((out / "manifest.json").read_text()) == res["manifest"]
     assert set(res) >= {"rows", "budgets", "runtime_seconds", "quick"}
     assert res["quick"] is True and res["complete"] is True
     assert isinstance(res["runtime_seconds"], float) and res["runtime_seconds"] > 0

@@ -121,6 +121,9 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
     saved = json.loads((tmp_path / "transfer.json").read_text())
     assert saved["analysis"] == json.loads(json.dumps(res["analysis"]))
+    from minigenrecal.manifest import FIELDS
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(FIELDS) <= manifest.keys() and saved["manifest"] == manifest and manifest["seed"] == [0, 1]
     again = T.transfer(plan, tmp_path, jobs=1)  # every seed file exists: read back, nothing retrained
     assert again["rows"] == res["rows"] and again["runtime_seconds"] < 5
 

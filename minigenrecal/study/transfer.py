@@ -355,8 +355,11 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
             per_seed = list(ex.map(_worker, tasks))
     else:
         per_seed = [_worker(t) for t in tasks]
+    from ..manifest import run_manifest, write_manifest
     result = {"plan": asdict(plan), "rows": [r for rows in per_seed for r in rows],
-              "runtime_seconds": round(time.time() - t0, 1), "jobs": jobs}
+              "runtime_seconds": round(time.time() - t0, 1), "jobs": jobs,
+              "manifest": write_manifest(out, run_manifest({**asdict(plan), "jobs": jobs, "threads_per_job": 1},
+                                                           plan.seeds))}
     result["analysis"] = analyse(result)
     (out / "transfer.json").write_text(json.dumps(result, indent=1) + "\n")
     write_report(result, out)
@@ -565,11 +568,12 @@ def report_lines(result: dict) -> list[str]:
         L.append(f"| {regime} | {method} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f} | "
                  f"{100 * s['train_acc_own_labels']:.1f} | {100 * s['train_acc_clean_labels']:.1f} | "
                  f"{100 * s['jsd_teacher']:.2f}{post} |")
-    L += ["", "| comparison (a - b) | what it measures | diff (points) | 95% CI | MDE | McNemar z | verdict |",
-          "|---|---|---|---|---|---|---|"]
+    L += ["", "| comparison (a - b) | what it measures | seeds x items | diff (points) | 95% CI | MDE | McNemar z | "
+          "verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in an["comparisons"]:
-        L.append(f"| {c['a']} - {c['b']} | {c['what']} | {_pts(c['diff'])} | [{_pts(c['ci95'][0])}, "
-                 f"{_pts(c['ci95'][1])}] | {100 * c['mde']:.1f} | {c['mcnemar_z']:.1f} | {c['verdict']} |")
+        L.append(f"| {c['a']} - {c['b']} | {c['what']} | {c['seeds']} x {c['items']} | {_pts(c['diff'])} | "
+                 f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}] | {100 * c['mde']:.1f} | {c['mcnemar_z']:.1f} | "
+                 f"{c['verdict']} |")
     keys = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "grad_distill_share",
             "grad_distill_cos_ce_student", "recal_acc_first",
             "recal_acc_later", "recal_acc_first_scrambled", "recal_acc_later_scrambled"]
