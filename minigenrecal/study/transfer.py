@@ -557,6 +557,20 @@ def headline_lines(result: dict) -> list[str]:
     return L
 
 
+def mechanism_lines(result: dict, run: str | None = None) -> list[str]:
+    """The diagnosis of GenRecal at the headline noise level, as the README shows it (means over seeds)."""
+    run = run or f"noise{result['plan']['headline_rho']:g}|genrecal"
+    d = result["analysis"]["diagnosis"].get(run, {})
+    L = ["| after stage | distillation share of the student's gradient | cosine(distillation, student CE) | "
+         "path accuracy, first answer token: student kept / scrambled (%) | later tokens: kept / scrambled (%) |",
+         "|---|---|---|---|---|"]
+    for stage, v in d.items():
+        L.append(f"| {stage[-1]} | {v['grad_distill_share']:.2f} | {v['grad_distill_cos_ce_student']:+.2f} | "
+                 f"{100 * v['recal_acc_first']:.1f} / {100 * v['recal_acc_first_scrambled']:.1f} | "
+                 f"{100 * v['recal_acc_later']:.1f} / {100 * v['recal_acc_later_scrambled']:.1f} |")
+    return L
+
+
 def report_lines(result: dict) -> list[str]:
     """The report's tables (also what notebook 06 shows): one list of markdown lines."""
     plan, an = result["plan"], result["analysis"]
