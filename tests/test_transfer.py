@@ -163,6 +163,7 @@ def test_committed_study_matches_its_reports():
     assert "\n".join(T.report_lines(res)) in (out / "README.md").read_text()
     readme = (ROOT / "README.md").read_text()
     assert all(line in readme for line in T.headline_lines(res)), "README's transfer table differs from the study"
+    assert all(line in readme for line in T.mechanism_lines(res)), "README's diagnosis table differs from the study"
     cells = json.loads((ROOT / "notebooks" / "06_evaluation_and_ablations.ipynb").read_text())["cells"]
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert 'assert "\\n".join(lines) in (T_DIR / "README.md").read_text()' in code  # notebook 06 asserts the same

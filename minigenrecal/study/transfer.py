@@ -70,6 +70,7 @@ class Plan:
     lr_end: float = 1e-4
     variants: bool = True
     posterior: bool = True  # the posterior-task regime (needs data_samples/tiny_teacher_posterior)
+    bounds: bool = True  # sequence-level KD (SFT on the teacher's answers)
     oracle_draws: int = 16  # posterior draws per training sample for the oracle
     quick: bool = False
 
@@ -263,7 +264,7 @@ def blocks(plan: Plan) -> list[str]:
     """A seed's work in order, headline first; each block's rows are saved on their own (OUT/seeds/), so a study
     that is stopped keeps every finished block, and a rerun with a wider plan trains only what is missing."""
     head = f"noise{plan.headline_rho:g}"
-    out = [head, "seq_kd"] + ([f"{head}_variants"] if plan.variants and plan.headline_rho in plan.rhos else [])
+    out = [head] + (["seq_kd"] if plan.bounds else []) + ([f"{head}_variants"] if plan.variants and plan.headline_rho in plan.rhos else [])
     out += [f"noise{rho:g}" for rho in plan.rhos if rho != plan.headline_rho]
     return out + (["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else [])
 
