@@ -124,27 +124,14 @@ def _fsync_tree(root: Path) -> None:
         _fsync(Path(dirpath))
 
 
-def _drop_teacher_head(module, state_dict, prefix, local_metadata):
-    for k in [k for k in state_dict if k.startswith(prefix + "teacher_head.")]:
-        del state_dict[k]
-
-
-def _keep_teacher_head(module, state_dict, prefix, *args):
-    if module.teacher_head is not None:
-        for k, v in module.teacher_head.state_dict().items():
-            state_dict.setdefault(prefix + "teacher_head." + k, v)
-
-
 @contextmanager
 def _registered(acc, module, opt, sched, extra: list):
-    """Show accelerate only this stage's objects while saving or loading, and keep the teacher head out.
+    """Show accelerate only this run's objects while saving or loading.
 
-    The one Accelerator of a process keeps every object ever prepared (one module and optimizer per stage);
+    The one Accelerator of a process keeps every object ever prepared (a notebook builds one engine per stage);
     `save_state` / `load_state` would write and read them all, so the lists are swapped for this stage's.
+    The teacher head is not a submodule of the module (stages.GenRecal), so it is never saved.
     """
-    inner = acc.unwrap_model(module)
-    hooks = [inner.register_state_dict_post_hook(_drop_teacher_head),
-             inner.register_load_state_dict_pre_hook(_keep_teacher_head)]
     names = ("_models", "_optimizers", "_schedulers", "_dataloaders", "_custom_objects")
     saved = [getattr(acc, n) for n in names]
     for n, v in zip(names, ([module], [opt], [sched], [], list(extra))):
@@ -154,8 +141,6 @@ def _registered(acc, module, opt, sched, extra: list):
     finally:
         for n, v in zip(names, saved):
             setattr(acc, n, v)
-        for h in hooks:
-            h.remove()
 
 
 def resolve_root(path: str | Path) -> Path:

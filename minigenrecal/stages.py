@@ -44,16 +44,18 @@ PROJECTOR_KEYS = ("multi_modal_projector", "connector", "visual.merger", "mlp1")
 VISION_KEYS = ("vision_tower", "vision_model", "visual.")
 
 
+def param_kind(name: str) -> str:
+    """'vision' (encoder), 'projector' or 'llm', from a parameter's name."""
+    if any(k in name for k in PROJECTOR_KEYS):
+        return "projector"
+    return "vision" if any(k in name for k in VISION_KEYS) else "llm"
+
+
 def student_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Split a VLM's parameters into vision encoder / vision projector / LLM by name."""
     groups = {"vision": [], "projector": [], "llm": []}
     for name, p in model.named_parameters():
-        if any(k in name for k in PROJECTOR_KEYS):
-            groups["projector"].append(p)
-        elif any(k in name for k in VISION_KEYS):
-            groups["vision"].append(p)
-        else:
-            groups["llm"].append(p)
+        groups[param_kind(name)].append(p)
     return groups
 
 
@@ -96,7 +98,9 @@ class GenRecal(nn.Module):
     def __init__(self, student: VLMView, recal: Recalibrator | None, teacher_head: nn.Linear | None):
         super().__init__()
         self.student_view = student
-        self.student, self.recal, self.teacher_head = student.model, recal, teacher_head
+        self.student, self.recal = student.model, recal
+        # not a submodule: the frozen head stays replicated and outside what DDP/FSDP/DeepSpeed wrap or save
+        object.__setattr__(self, "teacher_head", teacher_head)
 
     def forward(self, stage: int, s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
         terms = {}
@@ -134,6 +138,9 @@ class PairData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.s[i], (self.t[i] if self.t is not None else None), i
+
+    def sample_id(self, i: int) -> str:
+        return self.s[i].id
 
 
 def make_collate(student: VLMView, teacher: VLMView | None):
@@ -173,44 +180,42 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
                 recal: Recalibrator | None = None, teacher_head: nn.Linear | None = None,
                 teacher_fn: Callable[[dict | None, torch.Tensor], TeacherOut] | None = None,
                 progress: bool = True, answer_input: str = "features", *, checkpoint: Checkpointer | None = None,
-                max_skips: int = 3) -> list[dict]:
+                max_skips: int = 3, engine=None) -> list[dict]:
     """Train one stage for `cfg.steps` optimizer steps; returns a per-step history (every loss term, lr, skipped).
 
     `teacher_fn(t_batch, idx)` gives the TeacherOut; by default the live teacher's forward. A cache passes its own.
+    `engine` (an `engine.Engine` built once per run over all its stages) carries the one prepared module and
+    optimizer from stage to stage; without it a one-stage engine is built here.
     `checkpoint` writes checkpoints (every `checkpoint.every` steps and at the stage's end) and continues from its
     resume point. A non-finite loss or gradient skips the step (no update, the LR does not advance, the batch is
     spent); `max_skips` skips in a row raise NonFiniteError naming the batch's sample ids.
     """
+    from .engine import Engine
     if checkpoint is not None and checkpoint.done(stage):
         return checkpoint.history(stage)
-    acc = get_accelerator(cfg.grad_accum)
     if stage in (1, 2):
         teacher_head = teacher_head if teacher_head is not None else teacher.head
         if teacher_fn is None:
             teacher_fn = lambda tb, idx: teacher_forward(teacher, tb, answer_input)
-    params = set_trainable(stage, student.model, recal if stage in (1, 2) else None,
-                           teacher.model if teacher is not None else None, cfg.train_vision, cfg.train_recal)
+    if teacher is not None:
+        teacher.model.requires_grad_(False)
     if teacher_head is not None:
         teacher_head.requires_grad_(False)
-    module = GenRecal(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None)
-    vision = {id(p) for p in student_groups(student.model)["vision"]}
-    groups = [{"params": [p for p in params if id(p) not in vision], "lr": cfg.lr},
-              {"params": [p for p in params if id(p) in vision], "lr": cfg.lr * cfg.vision_lr_scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    def decay(s):  # optional linear warmup (0 by default, as in the paper), then linear lr -> lr_end
-        if s < cfg.warmup_steps:
-            return (s + 1) / cfg.warmup_steps
-        return 1.0 - (1.0 - cfg.lr_end / cfg.lr) * min(s, cfg.steps) / max(cfg.steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    riders = []
+    if engine is None:
+        engine = Engine(student, recal if stage in (1, 2) else None, teacher_head if stage in (1, 2) else None,
+                        {stage: cfg})
+        riders = [recal] if stage == 3 and recal is not None else []  # saved beside the module it is not in
+    sched = engine.begin(stage, cfg)
+    acc, module, opt = engine.acc, engine.module, engine.opt
     g = torch.Generator().manual_seed(cfg.seed + stage)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=len(data) >= cfg.batch_size,
                         collate_fn=make_collate(student, teacher if stage in (1, 2) else None))
-    module, opt, loader = acc.prepare(module, opt, loader)
-    if teacher is not None and stage in (1, 2):
+    loader = acc.prepare(loader)
+    if teacher is not None and stage in (1, 2) and not getattr(teacher, "placed", False):
         teacher.model.to(acc.device)
     batches = Batches(loader, g)
     history, step, in_row = [], 0, 0
-    riders = [recal] if stage == 3 and recal is not None else []  # saved beside the module it is no longer in
     ckpt_args = (acc, stage, asdict(cfg), module, opt, sched, batches, riders, student.tokenizer)
     if checkpoint is not None:
         history, step, in_row = checkpoint.resume(*ckpt_args)
@@ -239,7 +244,7 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
         history.append({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], **rec, "skipped": skipped})
         in_row = in_row + 1 if skipped else 0
         if in_row >= max_skips:
-            names = [data.s[i].id for i in ids]
+            names = [data.sample_id(i) for i in ids]
             raise NonFiniteError(f"stage {stage}, step {step}: {in_row} steps in a row had a non-finite loss or "
                                  f"gradient (last loss {rec['loss']}); the last batch's sample ids: {names} "
                                  f"(dataset indices {ids}, process {acc.process_index})")

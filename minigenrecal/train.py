@@ -39,21 +39,90 @@ def load_student_only(preset, tiny_random: bool):
     return VLMView(model, proc, preset.max_length, name="student")
 
 
-def _params(student, recal) -> dict[str, torch.Tensor]:
-    out = {f"student.{k}": v.detach().cpu().float() for k, v in student.model.named_parameters()}
-    out.update({f"recal.{k}": v.detach().cpu().float() for k, v in recal.named_parameters()})
-    return out
+def teacher_loader(preset, tiny_random: bool):
+    """load(meta) -> (teacher model, processor). meta=True builds the same model on the meta device without
+    reading weights (the FSDP backend's ranks > 0 receive their shards from rank 0)."""
+    import contextlib
+
+    def load(meta: bool):
+        ctx = torch.device("meta") if meta else contextlib.nullcontext()
+        if tiny_random:
+            from .presets_tiny import build_tiny_pair
+            with ctx:
+                view = build_tiny_pair(preset)[0]
+            return view.model, view.processor
+        if preset.teacher == "tiny":
+            from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+            from .tiny import TEACHER_DIR, load_teacher
+            if not meta:
+                return load_teacher()
+            with ctx:
+                model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(TEACHER_DIR))
+            return model.eval(), LlavaProcessor.from_pretrained(TEACHER_DIR)
+        from .hub import load_hub_vlm
+        if not meta:
+            return load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
+        if preset.remote_code:
+            raise ValueError(f"{preset.teacher} loads through remote code, which cannot be built on the meta device "
+                             "for FSDP: launch with configs/zero3.yaml instead")
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        with ctx:
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(preset.teacher),
+                                                            dtype=getattr(torch, preset.dtype))
+        return model.eval(), AutoProcessor.from_pretrained(preset.teacher)
+    return load
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: a DTensor's local shard, a ZeRO-3 partition, or the whole tensor."""
+    total = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict[str, torch.Tensor]:
+    """Gather the whole module (a collective: every rank calls this) and, on the main rank, write
+    OUT/student (weights, config, processor: loads with the Auto classes) and OUT/recalibrator.safetensors
+    (+ recalibrator.json), so a later launch can continue with `--recal-in OUT`. Returns the gathered state."""
+    from safetensors.torch import save_file
+    full = backend.full_state_dict(module)
+    if main:
+        sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
+        backend.unwrap_model(module).student.save_pretrained(out / "student", state_dict=sd)
+        student.processor.save_pretrained(out / "student")
+        rec = {k[len("recal."):]: v.contiguous() for k, v in full.items() if k.startswith("recal.")}
+        if not rec and recal is not None:  # a stage-3-only launch: the Recalibrator did not train
+            rec = {k: v.detach().cpu().contiguous() for k, v in recal.state_dict().items()}
+        if rec:
+            save_file(rec, str(out / "recalibrator.safetensors"))
+            (out / "recalibrator.json").write_text(json.dumps({"d_l": recal.d_l, "depth": len(recal.blocks)}) + "\n")
+    return full
+
+
+def load_recal(recal, path: str | Path) -> None:
+    """Load OUT/recalibrator.safetensors of an earlier launch (stages as separate launches)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
 
 
 def run(a) -> dict:
     from .checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
     from .config import get_preset
+    from .engine import Engine
     from .manifest import run_manifest, write_manifest
     from .data import make_split, read_llava_json
     from .recalibrator import Recalibrator
-    from .stages import get_accelerator, train_stage
+    from .sharding import get_backend
+    from .stages import train_stage
 
     preset = get_preset(a.preset)
+    backend = get_backend()
+    if backend.name != "accelerate" and a.resume:
+        raise ValueError(f"--resume is not supported under {backend.name}; run the remaining stages as a new launch "
+                         "with --stages and --recal-in OUT (each launch saves the gathered student and Recalibrator)")
     torch.manual_seed(a.seed)
     skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
     samples = (read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
@@ -64,40 +133,37 @@ def run(a) -> dict:
         cache = TeacherCache(a.cache)
         samples = samples[: len(cache)]
         cache.check(samples)
-        student = load_student_only(preset, a.tiny_random)
-        head, d_l = cache.head(), cache.meta["d_l"]
-    elif a.tiny_random:
-        from .presets_tiny import build_tiny_pair
-        teacher, student = build_tiny_pair(preset)
-        head, d_l = teacher.head, teacher.d
-    else:
-        from .pipeline import load_pair
-        teacher, student = load_pair(preset)
-        head, d_l = teacher.head, teacher.d
+        head, d_l = cache.head().to(backend.acc.device), cache.meta["d_l"]
+    else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
+        teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
+        d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
+    student = load_student_only(preset, a.tiny_random)
     out = Path(a.out or (resolve_root(a.resume).parent if a.resume else "runs/train"))
     ckpt = None
     if a.resume:
         ckpt = Checkpointer(resolve_root(a.resume), a.checkpoint_every, resume=True)
         student = with_saved_tokenizer(student, ckpt)
-    elif a.checkpoint_every > 0 and not a.no_save:
+    elif a.checkpoint_every > 0 and not a.no_save and backend.name == "accelerate":
         ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
     from .pipeline import encode_pairs, write_skip_report
     # a teacher cache is indexed by position: with one, a sample the student cannot render must fail the run
     data = encode_pairs(teacher, student, samples, None if cache is not None else skipped)
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
-    acc = get_accelerator()
-    if a.state_out:  # every rank writes its parameters before and after each stage, so a test can compare ranks
-        Path(a.state_out).mkdir(parents=True, exist_ok=True)
-        torch.save({"params": _params(student, recal)}, Path(a.state_out) / f"stage0-rank{acc.process_index}.pt")
+    if a.recal_in:
+        load_recal(recal, a.recal_in)
     stages = [int(s) for s in a.stages.split(",")]
     over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
     cfgs = {stage: replace(preset.stages()[stage], **over) for stage in stages}
+    trains_recal = any(s in (1, 2) for s in stages)
+    engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
+    acc = engine.acc
+    probe = _Probe(a.state_out, backend, engine, teacher, head)
     config = {k: v for k, v in vars(a).items() if k != "fn"}
     manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
-                             "world_size": acc.num_processes}, a.seed)
-    log = {"preset": preset.name, "world_size": acc.num_processes, "manifest": manifest, "stages": {},
-           "samples": len(data), "skipped": len(skipped or [])}
+                             "world_size": acc.num_processes, "backend": backend.name}, a.seed)
+    log = {"preset": preset.name, "world_size": acc.num_processes, "backend": backend.name, "manifest": manifest,
+           "stages": {}, "samples": len(data), "skipped": len(skipped or [])}
     if acc.is_main_process:
         if not a.no_save:
             write_skip_report(out, skipped or [])
@@ -105,22 +171,78 @@ def run(a) -> dict:
               + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
     if acc.is_main_process and not a.no_save:
         write_manifest(out, manifest)
+    probe.write(0)
     for stage in stages:
         t0 = time.time()
         hist = train_stage(stage, student, data, cfgs[stage], teacher=teacher, recal=recal, teacher_head=head,
                            teacher_fn=cache.teacher_fn if cache is not None and stage in (1, 2) else None,
-                           progress=not a.quiet, checkpoint=ckpt, max_skips=a.max_skips)
+                           progress=not a.quiet, checkpoint=ckpt, max_skips=a.max_skips, engine=engine)
         log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1], "history": hist,
                                 "skipped": sum(h.get("skipped", False) for h in hist)}
-        if a.state_out:
-            torch.save({"params": _params(student, recal), "loss": hist[-1]["loss"]},
-                       Path(a.state_out) / f"stage{stage}-rank{acc.process_index}.pt")
+        probe.write(stage, hist[-1]["loss"])
     acc.wait_for_everyone()
-    if acc.is_main_process and not a.no_save:
+    if not a.no_save:
         out.mkdir(parents=True, exist_ok=True)
-        acc.unwrap_model(student.model).save_pretrained(out / "student")
-        (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+        full = save_outputs(backend, engine.module, student, recal, out, acc.is_main_process)
+        probe.saved(full)
+        if acc.is_main_process:
+            (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+    acc.wait_for_everyone()
     return log
+
+
+class _Probe:
+    """`--state-out DIR` (for tests): after each stage every rank writes what the launch tests assert on,
+    `stage{S}-rank{R}.pt`: the gathered parameters (every rank under accelerate, rank 0 when sharded), the
+    teacher's bytes on this rank, the engine's identity and the trainable parameters' dtypes."""
+
+    def __init__(self, root, backend, engine, teacher, head):
+        self.root, self.backend, self.engine, self.teacher, self.head = root, backend, engine, teacher, head
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+
+    def _teacher(self) -> dict:
+        if self.teacher is None:
+            return {}
+        root = getattr(self.teacher, "root", None)
+        full = self.backend.full_state_dict(root) if root is not None else {}
+        return {"teacher_local_bytes": local_bytes(self.teacher.model),
+                "teacher_full": {k: v.detach().cpu() for k, v in full.items()},
+                "head": {"weight": self.head.weight.detach().cpu(),
+                         "bias": None if self.head.bias is None else self.head.bias.detach().cpu()},
+                "loaded_partitioned": getattr(self.backend, "teacher_loaded_partitioned", None),
+                "chunked": self._chunked()}
+
+    def _chunked(self) -> dict:
+        """The chunked CE/KL through the teacher's own (sharded) head and through the replicated copy."""
+        from .chunked import chunked_head_losses
+        lm = self.teacher.model.get_output_embeddings()
+        g = torch.Generator().manual_seed(0)
+        d, V = self.head.weight.shape[1], self.head.weight.shape[0]
+        h, z = (torch.randn(10, d, generator=g).to(self.head.weight.device) for _ in range(2))
+        y = torch.randint(0, V, (10,), generator=g).to(h.device)
+        out = {"h": h.cpu(), "z": z.cpu(), "y": y.cpu(),
+               "replicated": [x.item() for x in chunked_head_losses(h, z, y, self.head.weight, self.head.bias, 2.0, 3)]}
+        out["sharded"] = [x.item() for x in chunked_head_losses(h, z, y, lm.weight, lm.bias, 2.0, 3)]
+        return out
+
+    def write(self, stage: int, loss: float | None = None) -> None:
+        if not self.root:
+            return
+        full = {k: v.detach().cpu().float() for k, v in self.backend.full_state_dict(self.engine.module).items()}
+        trainable = {n: str(p.dtype) for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        rec = {"params": full, "loss": loss, "engine": id(self.engine.module), "engine_type": type(self.engine.module).__name__,
+               "trainable_dtypes": trainable, "master_dtype": self._master_dtype(), **self._teacher()}
+        torch.save(rec, Path(self.root) / f"stage{stage}-rank{self.backend.acc.process_index}.pt")
+
+    def _master_dtype(self) -> str:
+        flat = getattr(getattr(self.engine.module, "optimizer", None), "fp32_partitioned_groups_flat", None)
+        tensors = flat or [p for g in self.engine.inner.param_groups for p in g["params"]]
+        return ",".join(sorted({str(t.dtype) for t in tensors}))
+
+    def saved(self, full: dict) -> None:
+        if self.root and self.backend.acc.is_main_process:
+            torch.save({k: v.detach().cpu() for k, v in full.items()}, Path(self.root) / "saved_gathered.pt")
 
 
 def add_command(sub) -> None:
@@ -146,6 +268,9 @@ def add_command(sub) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     t.add_argument("--grad-accum", type=int, default=None, help="override every stage's gradient accumulation steps")
     t.add_argument("--seed", type=int, default=0, help="Recalibrator init and data-order seed")
+    t.add_argument("--recal-in", default=None, metavar="DIR",
+                   help="start from the Recalibrator an earlier launch saved (its OUT, or the .safetensors file): "
+                        "stages as separate launches, e.g. --stages 3 after a --stages 1,2 launch")
     t.add_argument("--out", default=None, help="default: runs/train, or the resumed run's directory")
     t.add_argument("--no-save", action="store_true", help="write nothing under OUT (no student, no checkpoints)")
     t.add_argument("--checkpoint-every", type=int, default=100,
@@ -162,3 +287,14 @@ def add_command(sub) -> None:
 def argparse_hidden():
     import argparse
     return argparse.SUPPRESS
+
+
+def main(argv=None):
+    """`python -m minigenrecal.train ...` is `python -m minigenrecal train ...`."""
+    import sys
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()
