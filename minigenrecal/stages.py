@@ -241,7 +241,8 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
                     finite = torch.tensor(True, device=acc.device)
                 opt.zero_grad()
         rec = {k: v.item() for k, v in terms.items()}
-        history.append({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], **rec, "skipped": skipped})
+        # the stage's LR: groups it does not train run at 0
+        history.append({"stage": stage, "step": step, "lr": max(sched.get_last_lr()), **rec, "skipped": skipped})
         in_row = in_row + 1 if skipped else 0
         if in_row >= max_skips:
             names = [data.sample_id(i) for i in ids]

@@ -90,7 +90,7 @@ def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict
     full = backend.full_state_dict(module)
     if main:
         sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
-        backend.unwrap_model(module).student.save_pretrained(out / "student", state_dict=sd)
+        backend.acc.unwrap_model(module).student.save_pretrained(out / "student", state_dict=sd)
         student.processor.save_pretrained(out / "student")
         rec = {k[len("recal."):]: v.contiguous() for k, v in full.items() if k.startswith("recal.")}
         if not rec and recal is not None:  # a stage-3-only launch: the Recalibrator did not train
