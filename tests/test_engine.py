@@ -1,0 +1,112 @@
+"""One engine per run (engine.Engine): the stages switch what trains without preparing anything new.
+
+- a run through one engine equals three one-stage engines (the per-stage optimizers of the paper's three runs),
+  bit for bit;
+- trainable parameters are fp32 master weights when the weights load in bf16, and a 1e-5-scale update survives;
+- gradient accumulation comes from the stage config; a launch config that disagrees is refused with the reason;
+- `python -m minigenrecal.train` is the same command as `python -m minigenrecal train`.
+"""
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigenrecal.config import get_preset
+from minigenrecal.data import make_split
+from minigenrecal.engine import Engine, group_of
+from minigenrecal.pipeline import encode_pairs
+from minigenrecal.presets_tiny import build_tiny_pair
+from minigenrecal.recalibrator import Recalibrator
+from minigenrecal.sharding import _Distributed
+from minigenrecal.stages import StageConfig, train_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+CFGS = {1: StageConfig(steps=2, batch_size=4, lr=1e-3),
+        2: StageConfig(steps=2, batch_size=4, grad_accum=2, warmup_steps=1, lr=1e-3, train_vision=True,
+                       vision_lr_scale=0.1, weight_decay=0.01),
+        3: StageConfig(steps=2, batch_size=4, lr=1e-3, train_vision=True)}
+
+
+def _run(one_engine: bool):
+    teacher, student = build_tiny_pair(get_preset("tiny"))
+    data = encode_pairs(teacher, student, make_split(0, "train", 16))
+    torch.manual_seed(0)
+    recal = Recalibrator(teacher.d, student.text_config, 1)
+    engine = Engine(student, recal, teacher.head, CFGS) if one_engine else None
+    losses = [h["loss"] for s in (1, 2, 3)
+              for h in train_stage(s, student, data, CFGS[s], teacher=teacher, recal=recal, progress=False, engine=engine)]
+    params = {**{f"s.{k}": v.detach().clone() for k, v in student.model.state_dict().items()},
+              **{f"r.{k}": v.detach().clone() for k, v in recal.state_dict().items()}}
+    return losses, params, engine
+
+
+@pytest.mark.slow
+def test_one_engine_equals_per_stage_engines_bit_for_bit():
+    (l1, p1, engine), (l3, p3, _) = _run(True), _run(False)
+    assert l1 == l3 and p1.keys() == p3.keys()
+    assert all(torch.equal(p1[k], p3[k]) for k in p1)
+    # one optimizer with three groups; after stage 3 only the student's groups run at a nonzero LR
+    assert [g["name"] for g in engine.opt.param_groups] == ["recal", "llm", "vision"]
+    assert [g["lr"] > 0 for g in engine.opt.param_groups] == [False, True, True]
+    assert engine.acc.gradient_accumulation_steps == CFGS[3].grad_accum
+
+
+def test_trainable_parameters_are_fp32_master_weights_when_loaded_in_bf16():
+    teacher, student = build_tiny_pair(get_preset("tiny"))
+    student.model.to(torch.bfloat16)
+    recal = Recalibrator(teacher.d, student.text_config, 1).to(torch.bfloat16)
+    plan = {1: StageConfig(), 2: StageConfig(), 3: StageConfig()}  # the paper's: the vision encoder stays frozen
+    engine = Engine(student, recal, teacher.head, plan)
+    kinds = {}
+    for name, p in engine.module.named_parameters():
+        kinds.setdefault((group_of(name), p.requires_grad), set()).add(p.dtype)
+    assert kinds[("recal", True)] == {torch.float32} and kinds[("llm", True)] == {torch.float32}
+    assert kinds[("vision", False)] == {torch.bfloat16}  # frozen: left in the dtype it loaded in
+    assert all(p.dtype == torch.float32 for g in engine.opt.param_groups for p in g["params"])
+    # a 1e-5-scale AdamW update survives in fp32; the same update on a bf16 weight of ~0.05 rounds away
+    engine.begin(2, StageConfig(lr=1e-5, lr_end=1e-5))
+    w = engine.opt.param_groups[1]["params"][0]
+    before = w.detach().clone()
+    w.grad = torch.ones_like(w)
+    engine.opt.step()
+    step = (w.detach() - before).abs()
+    assert torch.allclose(step, torch.full_like(step, 1e-5), rtol=1e-2)
+    lost_in_bf16 = (before.bfloat16() == (before - 1e-5).bfloat16()).float().mean().item()
+    assert lost_in_bf16 > 0.5, lost_in_bf16  # most of this weight's entries would not move at all in bf16
+
+
+def test_grad_accum_comes_from_the_stage_and_a_disagreeing_launch_config_is_refused(monkeypatch):
+    fake = types.SimpleNamespace(gradient_accumulation_steps=1, _micro=3)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    _Distributed.set_grad_accum(fake, 8, 4)
+    assert fake.gradient_accumulation_steps == 8 and fake._micro == 0
+    with pytest.raises(ValueError, match=r"fixes gradient_accumulation_steps at 8, but this stage asks for 16"):
+        _Distributed.set_grad_accum(fake, 16, 4)
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    _Distributed.set_grad_accum(fake, 16, 4)
+    assert fake.gradient_accumulation_steps == 16
+    # the shipped ZeRO-3 config leaves accumulation to the stages
+    import yaml
+    ds = yaml.safe_load((ROOT / "configs" / "zero3.yaml").read_text())["deepspeed_config"]
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+
+
+def test_python_m_minigenrecal_train_is_the_train_command(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--preset", "tiny", "--tiny-random", "--stages", "1", "--steps", "1", "--n", "4", "--batch-size", "2",
+            "--quiet", "--checkpoint-every", "0"]
+    logs = []
+    for mod in (["minigenrecal.train"], ["minigenrecal", "train"]):
+        out = tmp_path / mod[-1]
+        r = subprocess.run([sys.executable, "-m", *mod, *args, "--out", str(out)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "training on 4 samples" in r.stdout
+        import json
+        logs.append(json.loads((out / "train_log.json").read_text())["stages"]["1"]["last"]["loss"])
+    assert logs[0] == logs[1]
