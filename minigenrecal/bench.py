@@ -158,7 +158,7 @@ def _param_counts(dims: TextDims) -> tuple[int, int]:
 
 def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768, la: int = 256, lq_l: int | None = None,
                     use_cache: bool = False, chunk: int | None = 1024, gpus: int = 1, scale: float = 1.0,
-                    weight_bytes: int = 2) -> dict:
+                    weight_bytes: int = 2, master_fp32: bool = False) -> dict:
     """Arithmetic estimate (GiB per GPU) of what `bench` allocates for one stage; not a measurement.
 
     Weights `weight_bytes` each (2: bf16 on CUDA), gradients and both AdamW states in the weights' dtype (as `bench`
@@ -167,6 +167,9 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     gated MLP's three ffn-wide tensors, fp32 norm inputs). Teacher-head loss: chunked, two (N, d_l) fp32 gradients per
     path plus three (chunk, V_l) fp32 buffers; naive, about eight (N, V_l) fp32 tensors per path. + 1 GiB for the CUDA
     context and allocator slack.
+    `master_fp32` (what `train` does, engine.py): each trainable parameter also keeps an fp32 master copy, an fp32
+    gradient and two fp32 AdamW states (16 bytes, sharded) instead of gradient + states in the weights' dtype, and
+    from stage 1 on, since one engine serves the whole run (ZeRO-3 allocates them at start-up).
     """
     from .config import get_preset
     from .recalibrator import count_parameters
@@ -177,7 +180,7 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     P_t, P_th = _param_counts(td)
     P_s, _ = _param_counts(sd)
     P_r = count_parameters(td.d, lm_config(sd))
-    trained = P_r + (P_s if stage == 2 else 0)
+    trained = P_r + (P_s if stage == 2 or master_fp32 else 0)
     T_s, T_l, N = batch * (lq + la), batch * (lq_l + la), batch * la
     T_r = batch * (lq + la - 1) + batch * (lq_l + la - 1)
     act = lambda T, d, ffn, layers: T * layers * (18 * d + 4 * ffn) * wb
@@ -186,7 +189,7 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
         "teacher head": P_th * wb,
         "student": P_s * wb / gpus,
         "recalibrator": P_r * wb / gpus,
-        "grads + AdamW": trained * 3 * wb / gpus,
+        "grads + AdamW": trained * (16 if master_fp32 else 3 * wb) / gpus,
         "activations": (act(T_s, sd.d, sd.ffn, sd.layers) if stage == 2 else T_s * (4 * sd.d + 3 * sd.ffn) * wb)
                        + act(T_r, sd.d, sd.ffn, 2) + (0 if use_cache else T_l * (4 * td.d + 3 * td.ffn) * wb),
         "head loss": 2 * (2 * N * td.d * 4 + 3 * min(chunk, N) * td.vocab * 4) if chunk else 2 * 8 * N * td.vocab * 4,
@@ -208,6 +211,30 @@ def print_estimate(preset_name: str, stages, gpus: int = 1, **kw) -> dict[int, d
     for s, e in est.items():
         print(f"| {s} | " + " | ".join(f"{e[k]:.2f}" for k in keys) + " |")
     return est
+
+
+TRAIN_GPUS = {"smolvlm-256m<-qwen2-vl-2b": (1, 2, 8)}  # the cluster presets: CLUSTER_GPUS
+CLUSTER_GPUS = (8, 16, 64, 128)
+TABLE_PARTS = ("teacher body", "teacher head", "student", "recalibrator", "grads + AdamW")
+
+
+def training_memory_table(lq: int = 768, la: int = 256, chunk: int = 1024) -> list[str]:
+    """docs/scaling.md's table: GiB per GPU of a `train` launch (FSDP2 or ZeRO-3), arithmetic, per preset, GPU
+    count and stage, at each stage's per-GPU batch from the preset, a live sharded teacher, fp32 master weights."""
+    from .config import PRESETS
+    lines = ["| preset | GPUs | stage | batch/GPU | teacher body | teacher head | student | Recalibrator | "
+             "fp32 master + grads + AdamW | activations + losses | total |", "|---" * 11 + "|"]
+    for name, preset in PRESETS.items():
+        if name == "tiny":
+            continue
+        for gpus in TRAIN_GPUS.get(name, CLUSTER_GPUS):
+            for stage in (1, 2):
+                batch = preset.stages()[stage].batch_size
+                e = estimate_memory(name, stage, batch=batch, lq=lq, la=la, chunk=chunk, gpus=gpus, master_fp32=True)
+                rest = e["total"] - sum(e[k] for k in TABLE_PARTS)
+                lines.append(f"| `{name}` | {gpus} | {stage} | {batch} | "
+                             + " | ".join(f"{e[k]:.1f}" for k in TABLE_PARTS) + f" | {rest:.1f} | {e['total']:.1f} |")
+    return lines
 
 
 class WillNotFit(RuntimeError):
@@ -355,6 +382,8 @@ def add_command(sub) -> None:
     b.add_argument("--capacity-gib", type=float, default=None, help="memory to refuse above (default: the GPU's)")
     b.add_argument("--force", action="store_true", help="build even when the estimate exceeds the memory")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--memory-table", action="store_true",
+                   help="print docs/scaling.md's training memory table (every preset and GPU count; arithmetic)")
 
     def run(a):
         from .config import PRESETS
@@ -362,6 +391,9 @@ def add_command(sub) -> None:
         scale = a.scale or (1.0 if cuda else 0.05)
         shape = dict(batch=a.batch or (4 if cuda else 2), lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16))
         stages = [int(s) for s in a.stages.split(",")]
+        if a.memory_table:
+            print("\n".join(training_memory_table()))
+            return
         if a.estimate_only:
             for name in PRESETS:
                 if name != "tiny":

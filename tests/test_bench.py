@@ -49,3 +49,22 @@ def test_memory_estimate_parts():
     assert abs(sharded["student"] * 8 - live["student"]) < 1e-9 and sharded["activations"] == live["activations"]
     s1 = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 1, batch=1, lq=768, la=256, chunk=512, use_cache=True)
     assert s1["total"] < cached["total"] - 40  # stage 1 trains only the Recalibrator
+
+
+def test_docs_memory_table_is_the_one_bench_prints():
+    """docs/scaling.md's training memory table is `bench --memory-table`'s output, and its arithmetic adds up."""
+    from pathlib import Path
+    from minigenrecal.bench import estimate_memory, training_memory_table
+    lines = training_memory_table()
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    assert "\n".join(lines) in docs
+    assert len(lines) == 2 + 2 * (3 + 3 * 4)  # header; stages 1-2 x (the one-GPU pair x 3 counts + 3 pairs x 4)
+    # the 72B teacher body sharded 8 ways, in bf16: its parameters x 2 bytes / 8
+    e = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=4, gpus=8, master_fp32=True)
+    e16 = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=4, gpus=16, master_fp32=True)
+    assert abs(e["teacher body"] / e16["teacher body"] - 2) < 1e-9 and e["teacher head"] == e16["teacher head"]
+    assert abs(e["teacher head"] - 152064 * 8192 * 2 / 2 ** 30) < 1e-6  # replicated on every GPU
+    # fp32 master + grad + two AdamW states: 16 bytes per trainable parameter, sharded, from stage 1 on
+    e1 = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 1, batch=4, gpus=8, master_fp32=True)
+    assert e1["grads + AdamW"] == e["grads + AdamW"]
+    assert abs(e["grads + AdamW"] / (e["student"] + e["recalibrator"]) - 8) < 1e-9  # 16 bytes vs 2

@@ -110,3 +110,15 @@ def test_sharded_launch_saves_the_gathered_student_and_recalibrator(runs, kind):
     assert recal.keys() and all(torch.equal(recal[k], gathered["recal." + k]) for k in recal)
     # rank 1 wrote no gathered copy: the state dict is gathered onto rank 0 only
     assert runs[kind][(3, 1)]["params"] == {}
+
+
+def test_the_readme_and_notebook_05_give_the_commands_these_tests_launch():
+    import json
+    readme = (ROOT / "README.md").read_text()
+    for name in ("fsdp", "zero3"):
+        cmd = f"accelerate launch --config_file configs/{name}.yaml --num_processes 2 -m minigenrecal train {' '.join(ARGS)}"
+        assert cmd in readme and cmd in (ROOT / "docs" / "scaling.md").read_text(), cmd
+        assert Path(LAUNCH[name][1]).name == f"{name}.yaml"
+    nb = json.loads((ROOT / "notebooks" / "05_scaled_down_run.ipynb").read_text())
+    text = "".join("".join(c["source"]) for c in nb["cells"])
+    assert "accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset" in text
