@@ -7,6 +7,7 @@ Executed copies go to a temp dir (or --keep DIR) and never over the committed no
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -50,10 +51,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     p.add_argument("--keep", type=Path, help="write executed copies here (default: a temp dir, deleted)")
+    p.add_argument("--json", type=Path, help="also write the medians, every run and the machine's load here "
+                                             "(results/timings/notebooks_{learner,smoke}.json back the README table)")
     a = p.parse_args(argv)
     jupyter_env(a.smoke)
     paths = [Path(n).resolve() for n in a.notebooks] or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
     times: dict[str, list[float]] = {p.name: [] for p in paths}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         keep = a.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,13 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.0f} | {len(ts)} |")
     print(f"| all | {sum(statistics.median(ts) for ts in times.values()):.0f} | |")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({
+            "mode": mode, "command": "python benchmarks/time_notebooks.py" + (" --smoke" if a.smoke else ""),
+            "median_s": {n: round(statistics.median(ts), 1) for n, ts in times.items()},
+            "runs_s": {n: [round(t, 1) for t in ts] for n, ts in times.items()},
+            "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}, indent=1) + "\n")
     return 0
 
 
