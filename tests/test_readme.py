@@ -131,3 +131,30 @@ def test_readme_tiny_pair_table_matches_the_models():
     assert num(t_par, r"trained to (\d+\.\d)% val") == round(100 * info["val_accuracy"], 1)
     assert num(t_par, r"\((\d+\.\d) MB fp16\)") == round((TEACHER_DIR / "model.safetensors").stat().st_size / 1e6, 1)
     assert "random init" in s_par
+
+
+def test_readme_timings_equal_the_committed_timing_runs():
+    """The notebook tour's seconds and the demo's wall time are the ones `benchmarks/time_notebooks.py --json` and
+    `benchmarks/time_demo.py --json` wrote to results/timings/ (no figure is typed in by hand)."""
+    import json
+    readme = (ROOT / "README.md").read_text()
+    timings = ROOT / "results" / "timings"
+    learner = json.loads((timings / "notebooks_learner.json").read_text())
+    smoke = json.loads((timings / "notebooks_smoke.json").read_text())
+    assert (learner["mode"], smoke["mode"]) == ("learner", "smoke")
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
+    assert sorted(learner["median_s"]) == sorted(smoke["median_s"]) == notebooks
+    table = readme.split("| notebook | what it teaches | learner mode (s) | smoke mode (s) |", 1)[1].split("\n\n", 1)[0]
+    rows = [r.strip().strip("|").split("|") for r in table.strip().splitlines()[1:]]
+    assert len(rows) == len(notebooks)
+    for cells in rows:
+        name = cells[0].strip().strip("`") + ".ipynb"
+        assert cells[-2].strip() == f"{learner['median_s'][name]:.0f}", name
+        assert cells[-1].strip() == f"{smoke['median_s'][name]:.0f}", name
+    assert f"learner mode {sum(learner['median_s'].values()):.0f} s for all six" in readme
+    assert f"smoke mode (`MINIGENRECAL_SMOKE=1`, what CI runs) {sum(smoke['median_s'].values()):.0f} s" in readme
+    assert all(t < 300 for t in learner["median_s"].values())  # "each under 5 min"
+    demo = json.loads((timings / "demo.json").read_text())
+    runs = ", ".join(f"{r:.0f}" for r in demo["runs_s"])
+    assert f"median {demo['median_s']:.0f} s over {len(demo['runs_s'])} runs ({runs} s)" in readme
+    assert demo["median_s"] < 600  # "well inside the 10-minute target"
