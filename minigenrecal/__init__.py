@@ -1,4 +1,10 @@
 """minigenrecal: GenRecal (Lee et al., arXiv 2506.15681) on a small, readable PyTorch core."""
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():  # accelerate imports DeepSpeed when it is installed; without a GPU it would
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # warn on every run that it fell back to the CPU
 from .data import Sample, make_split, read_llava_json
 from .losses import TeacherOut, head_losses, kl_from_logits
 from .recalibrator import Recalibrator, count_parameters

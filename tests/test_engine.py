@@ -6,6 +6,7 @@
 - gradient accumulation comes from the stage config; a launch config that disagrees is refused with the reason;
 - `python -m minigenrecal.train` is the same command as `python -m minigenrecal train`.
 """
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,13 @@ def test_python_m_minigenrecal_train_is_the_train_command(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "training on 4 samples" in r.stdout
-        import json
         logs.append(json.loads((out / "train_log.json").read_text())["stages"]["1"]["last"]["loss"])
     assert logs[0] == logs[1]
+    # the launch saved the processor beside the student: `evaluate` runs on it as it is
+    r = subprocess.run([sys.executable, "-m", "minigenrecal", "evaluate", "--student", str(tmp_path / "train" / "student"),
+                        "--data-seed", "1", "--n", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["n"] == 3 and 0.0 <= line["accuracy"] <= 1.0
+    assert "Setting accelerator to CPU" not in r.stderr  # DeepSpeed's import stays quiet without a GPU
