@@ -91,7 +91,7 @@ def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict
     if main:
         sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
         backend.acc.unwrap_model(module).student.save_pretrained(out / "student", state_dict=sd)
-        student.processor.save_pretrained(out / "student")
+        save_processor(student.processor, out / "student")
         rec = {k[len("recal."):]: v.contiguous() for k, v in full.items() if k.startswith("recal.")}
         if not rec and recal is not None:  # a stage-3-only launch: the Recalibrator did not train
             rec = {k: v.detach().cpu().contiguous() for k, v in recal.state_dict().items()}
@@ -99,6 +99,19 @@ def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict
             save_file(rec, str(out / "recalibrator.safetensors"))
             (out / "recalibrator.json").write_text(json.dumps({"d_l": recal.d_l, "depth": len(recal.blocks)}) + "\n")
     return full
+
+
+def save_processor(processor, path: Path) -> None:
+    """The student's processor beside its weights, so `evaluate` loads both; a stand-in processor that transformers
+    cannot save (a tiny random instance's) leaves its tokenizer there and says so."""
+    if hasattr(processor, "save_pretrained"):
+        processor.save_pretrained(path)
+        return
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.save_pretrained(path)
+    print(f"note: {type(processor).__name__} is a stand-in processor with no save_pretrained: only its tokenizer was "
+          f"saved in {path}")
 
 
 def load_recal(recal, path: str | Path) -> None:
