@@ -576,21 +576,15 @@ def _init_distributed() -> None:
 
 
 def _load_teacher(a) -> tuple[VLMView, nn.Linear]:
-    """The frozen teacher, placed for the build: (view, head). Today every process holds the whole teacher on
-    its own device. A sharded loader may replace this function: it returns the same pair, a view whose body runs
-    the sharded model (a collective on every process) and a replicated head."""
+    """The frozen teacher, placed for the build by the launch's backend (sharding.py): (view, head). Under the
+    FSDP or ZeRO-3 launch configs it is sharded across the processes (its body is then a collective: every process
+    runs the same number of forwards, see `build_cache`) and the head is a replicated copy; otherwise each process
+    holds it whole on its own device."""
     from .config import get_preset
+    from .sharding import get_backend
+    from .train import teacher_loader
     preset = get_preset(a.preset)
-    if preset.teacher == "tiny":
-        from .tiny import TEACHER_DIR, load_teacher
-        model, proc = load_teacher(a.teacher_dir or TEACHER_DIR)
-    else:
-        from .hub import load_hub_vlm
-        model, proc = load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
-    if torch.cuda.is_available():
-        model.cuda(int(os.environ.get("LOCAL_RANK", "0")))
-    view = VLMView(model.requires_grad_(False).eval(), proc, preset.max_length, name="teacher")
-    return view, view.head
+    return get_backend().place_teacher(teacher_loader(preset, False, a.teacher_dir), preset.max_length)
 
 
 def _read_samples(a, skipped: list | None) -> tuple[list[Sample], dict]:
@@ -630,19 +624,11 @@ def cmd_cache_teacher(a):
 
 def add_command(sub) -> None:
     from .cli import add_preset_option
-    from .data import MULTI_TURN
+    from .train import add_data_options
     c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the training samples and store its "
                                              "features (rerun the same command to resume an interrupted build)")
     add_preset_option(c)
-    c.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
-                                                "(default: the synthetic train split)")
-    c.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
-                                                      "(default: the data file's folder)")
-    c.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
-                   help="records with several question/answer pairs: reject them (default), 'context' or 'split', "
-                        "as in the train command (use the same choice for both)")
-    c.add_argument("--strict", action="store_true",
-                   help="fail on the first bad sample instead of skipping it (skipped ones go to OUT/skipped.jsonl)")
+    add_data_options(c)
     c.add_argument("--n", type=int, default=None,
                    help="samples: the first n of --data, or of the synthetic split (default: all / the preset's n_train)")
     c.add_argument("--out", required=True, help="cache directory to write (an interrupted build there resumes)")

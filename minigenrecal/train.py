@@ -39,9 +39,10 @@ def load_student_only(preset, tiny_random: bool):
     return VLMView(model, proc, preset.max_length, name="student")
 
 
-def teacher_loader(preset, tiny_random: bool):
+def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = None):
     """load(meta) -> (teacher model, processor). meta=True builds the same model on the meta device without
-    reading weights (the FSDP backend's ranks > 0 receive their shards from rank 0)."""
+    reading weights (the FSDP backend's ranks > 0 receive their shards from rank 0). `teacher_dir`: the tiny
+    preset's teacher from another checkpoint than the shipped one."""
     import contextlib
 
     def load(meta: bool):
@@ -54,11 +55,12 @@ def teacher_loader(preset, tiny_random: bool):
         if preset.teacher == "tiny":
             from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
             from .tiny import TEACHER_DIR, load_teacher
+            path = teacher_dir or TEACHER_DIR
             if not meta:
-                return load_teacher()
+                return load_teacher(path)
             with ctx:
-                model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(TEACHER_DIR))
-            return model.eval(), LlavaProcessor.from_pretrained(TEACHER_DIR)
+                model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path))
+            return model.eval(), LlavaProcessor.from_pretrained(path)
         from .hub import load_hub_vlm
         if not meta:
             return load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
@@ -141,11 +143,16 @@ def run(a) -> dict:
     samples = (read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
                else make_split(a.data_seed, "train", a.n or preset.n_train))
     teacher, cache = None, None
-    if a.cache:
+    if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
         from .cache import TeacherCache
         cache = TeacherCache(a.cache)
-        samples = samples[: len(cache)]
-        cache.check(samples)
+        missing = [s for s in samples if s.id not in cache]
+        if missing and a.strict:
+            cache.indices([s.id for s in missing])  # raises, naming them and why the build left them out
+        for s in missing:
+            skipped.append({"id": s.id, "reason": "not in the teacher cache"
+                            + (f" (the build skipped it: {cache.skipped[s.id]})" if s.id in cache.skipped else "")})
+        samples = [s for s in samples if s.id in cache]
         head, d_l = cache.head().to(backend.acc.device), cache.meta["d_l"]
     else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
         teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
@@ -159,8 +166,8 @@ def run(a) -> dict:
     elif a.checkpoint_every > 0 and not a.no_save and backend.name == "accelerate":
         ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
     from .pipeline import encode_pairs, write_skip_report
-    # a teacher cache is indexed by position: with one, a sample the student cannot render must fail the run
-    data = encode_pairs(teacher, student, samples, None if cache is not None else skipped)
+    data = encode_pairs(teacher, student, samples, skipped)
+    cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
     if a.recal_in:
@@ -188,7 +195,7 @@ def run(a) -> dict:
     for stage in stages:
         t0 = time.time()
         hist = train_stage(stage, student, data, cfgs[stage], teacher=teacher, recal=recal, teacher_head=head,
-                           teacher_fn=cache.teacher_fn if cache is not None and stage in (1, 2) else None,
+                           teacher_fn=cache_fn if stage in (1, 2) else None,
                            progress=not a.quiet, checkpoint=ckpt, max_skips=a.max_skips, engine=engine)
         log["stages"][stage] = {"seconds": time.time() - t0, "last": hist[-1], "history": hist,
                                 "skipped": sum(h.get("skipped", False) for h in hist)}
@@ -258,21 +265,27 @@ class _Probe:
             torch.save({k: v.detach().cpu() for k, v in full.items()}, Path(self.root) / "saved_gathered.pt")
 
 
+def add_data_options(p) -> None:
+    """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
+    for both, so the cache holds the samples training asks for)."""
+    from .data import MULTI_TURN
+    p.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
+                                                "(default: the synthetic train split)")
+    p.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
+                                                      "(default: the data file's folder)")
+    p.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
+                   help="records with several question/answer pairs: reject them (default), 'context' (each answer "
+                        "with the earlier turns as text), or 'split' (each pair on its own, earlier turns dropped)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first bad sample instead of skipping it (skipped ones go to OUT/skipped.jsonl)")
+
+
 def add_command(sub) -> None:
     from .cli import add_preset_option
-    from .data import MULTI_TURN
     t = sub.add_parser("train", help="stages 1-3 for a preset (launch with `accelerate launch -m minigenrecal train`)")
     add_preset_option(t)
     t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
-    t.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
-                                                "(default: the synthetic train split)")
-    t.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
-                                                      "(default: the data file's folder)")
-    t.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
-                   help="records with several question/answer pairs: reject them (default), 'context' (each answer "
-                        "with the earlier turns as text), or 'split' (each pair on its own, earlier turns dropped)")
-    t.add_argument("--strict", action="store_true",
-                   help="fail on the first bad sample instead of skipping it (skipped ones go to OUT/skipped.jsonl)")
+    add_data_options(t)
     t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
     t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")

@@ -392,6 +392,34 @@ def tune_lr(plan: Plan, lrs: list[float], out: str | Path, log=print) -> dict:
     return result
 
 
+def probe_budget(plan: Plan, budgets: list[int], out: str | Path, log=print) -> dict:
+    """How many student steps SFT needs to fit its own training set, on val (the test split is never read): SFT at
+    each budget, at noise 0 and at the headline noise, for the plan's seeds. Writes OUT/val_budget.json.
+    Chooses nothing by itself: it records what a longer budget would cost and buy, for the study's next rerun."""
+    if plan.eval_split != "val":
+        raise ValueError("probe the budget on the val split (--eval-split val)")
+    torch.set_num_threads(1)
+    ctx, res = build_context(replace(plan, posterior=False), "shapes"), {}
+    for rho in sorted({0.0, plan.headline_rho}):
+        for steps in budgets:
+            ctx.plan = replace(plan, steps=(plan.steps[0], steps // 2, steps - steps // 2))
+            for seed in plan.seeds:
+                noisy, _ = label_noise(ctx.train, rho, seed)
+                t0 = time.time()
+                row = evaluate(run_student_only(ctx, "sft", seed, noisy), ctx, noisy)
+                rec = {k: row[k] for k in ("accuracy", "train_acc_own_labels", "train_acc_clean_labels")}
+                res.setdefault(f"noise{rho:g}", {}).setdefault(str(steps), []).append(
+                    rec | {"seed": seed, "seconds": round(time.time() - t0, 1)})
+                log(f"val noise {rho:g}, {steps} steps, seed {seed}: sft accuracy {rec['accuracy']:.3f}, train acc "
+                    f"(own labels) {rec['train_acc_own_labels']:.3f} ({time.time() - t0:.0f} s)")
+    result = {"what": "SFT at several student-step budgets on val: does it fit its own training set?",
+              "split": "val", "n_items": plan.n_test, "lr": plan.lr, "batch_size": plan.batch_size,
+              "seeds": plan.seeds, "runs": res}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "val_budget.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 # -- analysis -----------------------------------------------------------------------------------------------------------
 def matrix(rows: list[dict], regime: str, method: str, seeds: list[int]) -> np.ndarray:
     """(seeds, items) 0/1 correctness of one method in one regime, seeds in the given order."""
@@ -653,6 +681,9 @@ def add_command(sub) -> None:
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
                    help="instead of the study: SFT at these peak LRs on val (with --eval-split val), pick the best")
     r.add_argument("--report-only", action="store_true", help="re-render README.md and the plot from transfer.json")
+    r.add_argument("--probe-budget", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="instead of the study: SFT at these student-step budgets on val (with --eval-split val), "
+                        "at noise 0 and the headline noise; writes OUT/val_budget.json")
 
     def run(a):
         out = Path(a.out)
@@ -673,6 +704,9 @@ def add_command(sub) -> None:
         plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
                                                          eval_split=a.eval_split, variants=not a.no_variants,
                                                          posterior=not a.no_posterior)
+        if a.probe_budget:
+            probe_budget(plan, a.probe_budget, out)
+            return
         if a.tune_lr:
             print(json.dumps(tune_lr(plan, a.tune_lr, out)["chosen_lr"]))
             return
