@@ -168,3 +168,15 @@ def test_committed_study_matches_its_reports():
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert 'assert "\\n".join(lines) in (T_DIR / "README.md").read_text()' in code  # notebook 06 asserts the same
     assert "lines = transfer.report_lines(study)" in code
+
+
+def test_knob_probes_never_read_the_test_split(tmp_path):
+    """Choosing the LR and probing the step budget run on val only; asked for the test split, both refuse."""
+    from minigenrecal.study import transfer as T
+    plan = T.quick_plan([0, 1])
+    assert plan.eval_split == "test"
+    with pytest.raises(ValueError, match="val split"):
+        T.probe_budget(plan, [4], tmp_path)
+    with pytest.raises(ValueError, match="val split"):
+        T.tune_lr(plan, [1e-3], tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written

@@ -678,6 +678,9 @@ def add_command(sub) -> None:
     r.add_argument("--no-variants", action="store_true", help="skip the GenRecal variants")
     r.add_argument("--quick", action="store_true", help="two seeds, a few steps and items (a smoke test)")
     r.add_argument("--no-posterior", action="store_true", help="skip the posterior-task regime")
+    r.add_argument("--no-bounds", action="store_true", help="skip sequence-level KD (SFT on the teacher's answers)")
+    r.add_argument("--steps", type=int, nargs=3, default=[100, 200, 200], metavar=("S1", "S2", "S3"),
+                   help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
                    help="instead of the study: SFT at these peak LRs on val (with --eval-split val), pick the best")
     r.add_argument("--report-only", action="store_true", help="re-render README.md and the plot from transfer.json")
@@ -703,7 +706,8 @@ def add_command(sub) -> None:
             return
         plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
                                                          eval_split=a.eval_split, variants=not a.no_variants,
-                                                         posterior=not a.no_posterior)
+                                                         posterior=not a.no_posterior, bounds=not a.no_bounds,
+                                                         steps=tuple(a.steps))
         if a.probe_budget:
             probe_budget(plan, a.probe_budget, out)
             return
