@@ -143,6 +143,18 @@ class PairData(torch.utils.data.Dataset):
         return self.s[i].id
 
 
+class _on_device:
+    """A loader whose (student batch, teacher batch, indices) come out on `device` (what accelerate's prepared
+    loaders do); used for streams, which each process already reads its own share of."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for s, t, idx in self.loader:
+            yield _to(s, self.device), _to(t, self.device), idx
+
+
 def make_collate(student: VLMView, teacher: VLMView | None):
     def collate(items):
         s = student.collate([it[0] for it in items])
@@ -209,9 +221,12 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     sched = engine.begin(stage, cfg)
     acc, module, opt = engine.acc, engine.module, engine.opt
     g = torch.Generator().manual_seed(cfg.seed + stage)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=len(data) >= cfg.batch_size,
-                        collate_fn=make_collate(student, teacher if stage in (1, 2) else None))
-    loader = acc.prepare(loader)
+    collate = make_collate(student, teacher if stage in (1, 2) else None)
+    if isinstance(data, torch.utils.data.IterableDataset):  # a stream, already this process's share: in order
+        loader = _on_device(DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate), acc.device)
+    else:  # map-style: shuffled, and accelerate gives each process its own batches
+        loader = acc.prepare(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                        drop_last=len(data) >= cfg.batch_size, collate_fn=collate))
     if teacher is not None and stage in (1, 2) and not getattr(teacher, "placed", False):
         teacher.model.to(acc.device)
     batches = Batches(loader, g)

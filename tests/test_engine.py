@@ -118,3 +118,26 @@ def test_python_m_minigenrecal_train_is_the_train_command(tmp_path):
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["n"] == 3 and 0.0 <= line["accuracy"] <= 1.0
     assert "Setting accelerator to CPU" not in r.stderr  # DeepSpeed's import stays quiet without a GPU
+
+
+def test_a_stream_trains_in_order_and_restarts_at_its_end():
+    """An IterableDataset (a streamed source, already this process's share) is read in order, batch by batch, and
+    read again from its start when it runs out, as a map-style dataset's next epoch would be."""
+    teacher, student = build_tiny_pair(get_preset("tiny"))
+    data = encode_pairs(teacher, student, make_split(0, "train", 8))
+    seen = []
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(len(data)):
+                seen.append(i)
+                yield data[i]
+
+        def sample_id(self, i):
+            return data.sample_id(i)
+
+    before = [p.detach().clone() for p in student.model.parameters()]
+    hist = train_stage(3, student, Stream(), StageConfig(steps=5, batch_size=4, lr=1e-3), progress=False)
+    assert len(hist) == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert seen[:8] == list(range(8)) and len(seen) >= 20  # in order; 5 batches of 4 = 2.5 passes
+    assert any(not torch.equal(b, p) for b, p in zip(before, student.model.parameters()))
