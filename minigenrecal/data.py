@@ -353,21 +353,31 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None, mult
     for r, rec in enumerate(read_records(path)):
         sid = str(rec.get("id", f"{path.name}[{r}]"))
         try:
-            pairs = _record_turns(rec, sid)
-            if len(pairs) > 1 and multi_turn == "reject":
-                raise SampleError(f"sample {sid}: a multi-turn conversation ({len(pairs)} question/answer pairs); "
-                                  "pass multi_turn='context' (each answer with the earlier turns as context) or "
-                                  "'split' (each pair on its own)")
+            pairs = record_pairs(rec, sid, multi_turn)
             image = _record_image(rec, sid, root)
         except SampleError as e:
             if skipped is None:
                 raise
-            skipped.append({"id": sid, "reason": str(e).removeprefix(f"sample {sid}: ")})
+            skipped.append(skip_entry(sid, e))
             continue
-        for k, (q, a) in enumerate(pairs):
-            q = with_context(pairs, k) if multi_turn == "context" and k > 0 else q
-            samples.append(Sample(image=image, question=q, answer=a, id=f"{sid}#{k}"))
+        samples += [Sample(image=image, question=q, answer=a, id=f"{sid}#{k}") for k, (q, a) in enumerate(pairs)]
     return samples
+
+
+def record_pairs(rec: dict, sid: str, multi_turn: str = "reject") -> list[tuple[str, str]]:
+    """The (question, answer) of each sample a record gives under a `multi_turn` policy (see `read_llava_json`);
+    opens no image. A bad record, or several pairs under 'reject', raises SampleError naming it."""
+    pairs = _record_turns(rec, sid)
+    if len(pairs) > 1 and multi_turn == "reject":
+        raise SampleError(f"sample {sid}: a multi-turn conversation ({len(pairs)} question/answer pairs); "
+                          "pass multi_turn='context' (each answer with the earlier turns as context) or "
+                          "'split' (each pair on its own)")
+    return [(with_context(pairs, k) if multi_turn == "context" and k > 0 else q, a) for k, (q, a) in enumerate(pairs)]
+
+
+def skip_entry(sid: str, e: SampleError) -> dict:
+    """One line of a skip report, {"id": ..., "reason": ...}: the message without its 'sample <id>: ' prefix."""
+    return {"id": sid, "reason": str(e).removeprefix(f"sample {sid}: ")}
 
 
 def write_llava_json(samples: list[Sample], out_dir: str | Path, name: str = "samples.json") -> Path:
