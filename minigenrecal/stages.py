@@ -224,6 +224,9 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     collate = make_collate(student, teacher if stage in (1, 2) else None)
     if isinstance(data, torch.utils.data.IterableDataset):  # a stream, already this process's share: in order
         loader = _on_device(DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate), acc.device)
+    elif getattr(data, "rank_local", False):  # already this process's share: shuffled, not split again
+        loader = _on_device(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                       drop_last=len(data) >= cfg.batch_size, collate_fn=collate), acc.device)
     else:  # map-style: shuffled, and accelerate gives each process its own batches
         loader = acc.prepare(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
                                         drop_last=len(data) >= cfg.batch_size, collate_fn=collate))

@@ -123,6 +123,28 @@ def load_recal(recal, path: str | Path) -> None:
     recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
 
 
+def lazy_data(a, acc, student, teacher, skipped: list | None):
+    """`--lazy` / `--stream`: this process's share of --data (record r to process r % P), nothing decoded up front;
+    each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
+    `--stream` reads it in order (JSONL: a process parses only its own lines)."""
+    from .sources import LazyPairData, StreamPairData, open_source
+    records = open_source(a.data, acc.process_index, acc.num_processes, a.image_root)
+    cls = StreamPairData if a.stream else LazyPairData
+    data = cls(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
+    data.rank_local = True  # stages.train_stage must not split it across processes again
+    return data
+
+
+def gather_lists(items: list, world: int) -> list:
+    """Every process's list, concatenated in process order, on every process."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def run(a) -> dict:
     from .checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
     from .config import get_preset
@@ -138,9 +160,12 @@ def run(a) -> dict:
     if backend.name != "accelerate" and a.resume:
         raise ValueError(f"--resume is not supported under {backend.name}; run the remaining stages as a new launch "
                          "with --stages and --recal-in OUT (each launch saves the gathered student and Recalibrator)")
+    lazy = bool(a.data) and (a.lazy or a.stream)
+    if lazy and a.cache:
+        raise ValueError("--cache looks every training sample up by id before training: use it without --lazy/--stream")
     torch.manual_seed(a.seed)
     skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
-    samples = (read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
+    samples = ([] if lazy else read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
                else make_split(a.data_seed, "train", a.n or preset.n_train))
     teacher, cache = None, None
     if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
@@ -166,7 +191,7 @@ def run(a) -> dict:
     elif a.checkpoint_every > 0 and not a.no_save and backend.name == "accelerate":
         ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
     from .pipeline import encode_pairs, write_skip_report
-    data = encode_pairs(teacher, student, samples, skipped)
+    data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
     cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
@@ -182,13 +207,18 @@ def run(a) -> dict:
     config = {k: v for k, v in vars(a).items() if k != "fn"}
     manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
                              "world_size": acc.num_processes, "backend": backend.name}, a.seed)
+    n = len(data) if hasattr(data, "__len__") else None  # a stream's length is not known up front
     log = {"preset": preset.name, "world_size": acc.num_processes, "backend": backend.name, "manifest": manifest,
-           "stages": {}, "samples": len(data), "skipped": len(skipped or [])}
+           "stages": {}, "samples": n, "skipped": len(skipped or [])}
     if acc.is_main_process:
         if not a.no_save:
             write_skip_report(out, skipped or [])
-        print(f"training on {len(data)} samples; skipped {len(skipped or [])} bad sample(s)"
-              + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
+        if lazy:
+            print(f"training on {'a stream of' if a.stream else f'{n} items of'} {a.data} (this process's share, "
+                  "decoded as batches are drawn); bad samples are counted at the end")
+        else:
+            print(f"training on {len(data)} samples; skipped {len(skipped or [])} bad sample(s)"
+                  + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
     if acc.is_main_process and not a.no_save:
         write_manifest(out, manifest)
     probe.write(0)
@@ -201,6 +231,14 @@ def run(a) -> dict:
                                 "skipped": sum(h.get("skipped", False) for h in hist)}
         probe.write(stage, hist[-1]["loss"])
     acc.wait_for_everyone()
+    if lazy:  # every process met its own bad samples: one report, in process order
+        skipped = gather_lists(skipped or [], acc.num_processes)
+        log["skipped"] = len(skipped)
+        if acc.is_main_process:
+            if not a.no_save:
+                write_skip_report(out, skipped)
+            print(f"skipped {len(skipped)} bad sample(s) while training"
+                  + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
     if not a.no_save:
         out.mkdir(parents=True, exist_ok=True)
         full = save_outputs(backend, engine.module, student, recal, out, acc.is_main_process)
@@ -286,6 +324,11 @@ def add_command(sub) -> None:
     add_preset_option(t)
     t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
     add_data_options(t)
+    t.add_argument("--lazy", action="store_true",
+                   help="with --data: each process reads only its share, rendering images per batch (not all up "
+                        "front); bad samples are found, skipped and reported as training meets them")
+    t.add_argument("--stream", action="store_true",
+                   help="with --data: like --lazy, read in order as a stream (JSONL: a process parses only its lines)")
     t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
     t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")

@@ -122,3 +122,33 @@ def test_the_readme_and_notebook_05_give_the_commands_these_tests_launch():
     nb = json.loads((ROOT / "notebooks" / "05_scaled_down_run.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in nb["cells"])
     assert "accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["--stream", "--lazy"])
+def test_sharded_launch_reads_its_share_of_a_jsonl_lazily(tmp_path, mode):
+    """FSDP2 on 2 processes with `--data FILE.jsonl --stream` / `--lazy`: each process reads its own share (record r
+    to process r % 2) and renders images as batches are drawn; the bad record one process meets is skipped, and
+    the report gathers every process's skips."""
+    import json
+    from minigenrecal.data import make_split, write_llava_json
+    path = write_llava_json(make_split(0, "train", 9), tmp_path)
+    records = json.loads(path.read_text())
+    records[3]["image"] = "missing.png"  # process 1's second record
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH["fsdp"], "--num_processes", "2",
+           "--main_process_port", str(29545 + (mode == "--lazy")), "-m", "minigenrecal", "train", "--preset", "tiny",
+           "--data", str(data), mode, "--stages", "1,3", "--steps", "3", "--batch-size", "2", "--quiet",
+           "--checkpoint-every", "0", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["backend"] == "fsdp" and log["world_size"] == 2
+    assert log["samples"] == (None if mode == "--stream" else 5)  # process 0's share: records 0, 2, 4, 6, 8
+    report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in report] == [records[3]["id"]] and "not found" in report[0]["reason"]
+    assert "skipped 1 bad sample(s) while training" in r.stdout
