@@ -53,13 +53,45 @@ def get_backend(name: str | None = None):
 
 
 # -- accelerate (one process, or DDP) ---------------------------------------------------------------------
+_ACCELERATOR = None
+
+
+def get_accelerator(grad_accum: int = 1):
+    """One Accelerator per process: bf16 autocast on CUDA, fp32 on CPU; DDP tolerates frozen/unused params."""
+    global _ACCELERATOR
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import GradientAccumulationPlugin
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                                   cpu=not torch.cuda.is_available(),
+                                   # a window is exactly grad_accum micro-batches, also across an epoch's end
+                                   gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1,
+                                                                                           sync_with_dataloader=False),
+                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    _ACCELERATOR.gradient_accumulation_steps = grad_accum
+    _ACCELERATOR.step = 0  # each stage starts a fresh accumulation window
+    return _ACCELERATOR
+
+
+class on_device:
+    """A loader whose (student batch, teacher batch, indices) come out on `device` (what accelerate's prepared
+    loaders do); used for streams, which each process already reads its own share of."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        move = lambda b: None if b is None else {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
+        for s, t, idx in self.loader:
+            yield move(s), move(t), idx
+
+
 class AccelerateBackend:
     """The student module through accelerate's `prepare` (DDP across processes); the teacher is replicated."""
 
     name = "accelerate"
 
     def __init__(self):
-        from .stages import get_accelerator
         self.acc = get_accelerator()
 
     def wrap(self, module: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Batches, Checkpointer, NonFiniteError, all_finite, fault
 from .losses import TeacherOut, recal_path, split_teacher
 from .recalibrator import Recalibrator
+from .sharding import get_accelerator, on_device  # noqa: F401 (get_accelerator: re-exported, one per process)
 from .vlm import Encoded, VLMView
 
 
@@ -143,18 +144,6 @@ class PairData(torch.utils.data.Dataset):
         return self.s[i].id
 
 
-class _on_device:
-    """A loader whose (student batch, teacher batch, indices) come out on `device` (what accelerate's prepared
-    loaders do); used for streams, which each process already reads its own share of."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-
-    def __iter__(self):
-        for s, t, idx in self.loader:
-            yield _to(s, self.device), _to(t, self.device), idx
-
-
 def make_collate(student: VLMView, teacher: VLMView | None):
     def collate(items):
         s = student.collate([it[0] for it in items])
@@ -164,26 +153,6 @@ def make_collate(student: VLMView, teacher: VLMView | None):
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-_ACCELERATOR = None
-
-
-def get_accelerator(grad_accum: int = 1):
-    """One Accelerator per process: bf16 autocast on CUDA, fp32 on CPU; DDP tolerates frozen/unused params."""
-    global _ACCELERATOR
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import GradientAccumulationPlugin
-    if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                                   cpu=not torch.cuda.is_available(),
-                                   # a window is exactly grad_accum micro-batches, also across an epoch's end
-                                   gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1,
-                                                                                           sync_with_dataloader=False),
-                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    _ACCELERATOR.gradient_accumulation_steps = grad_accum
-    _ACCELERATOR.step = 0  # each stage starts a fresh accumulation window
-    return _ACCELERATOR
-
-
 def _to(batch: dict | None, device):
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
 
@@ -223,9 +192,9 @@ def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, 
     g = torch.Generator().manual_seed(cfg.seed + stage)
     collate = make_collate(student, teacher if stage in (1, 2) else None)
     if isinstance(data, torch.utils.data.IterableDataset):  # a stream, already this process's share: in order
-        loader = _on_device(DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate), acc.device)
+        loader = on_device(DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate), acc.device)
     elif getattr(data, "rank_local", False):  # already this process's share: shuffled, not split again
-        loader = _on_device(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
+        loader = on_device(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
                                        drop_last=len(data) >= cfg.batch_size, collate_fn=collate), acc.device)
     else:  # map-style: shuffled, and accelerate gives each process its own batches
         loader = acc.prepare(DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g,
