@@ -13,11 +13,25 @@ def _quiet():
     logging.set_verbosity_error()
 
 
+class _PairAction(argparse.Action):
+    """Stores --preset, --teacher or --student and keeps `preset` a `config.PresetName` carrying the other two, in
+    whatever order they were given."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        from .config import PresetName
+        setattr(ns, self.dest, value)
+        ns.preset = PresetName(ns.preset, teacher=getattr(ns, "teacher", None), student=getattr(ns, "student", None))
+
+
 def add_preset_option(p, default: str = "tiny") -> None:
-    """`--preset`: one of config.PRESETS, whose names the help lists."""
+    """`--preset`: one of config.PRESETS, whose names the help lists; `--teacher` / `--student` replace its models."""
     from .config import PRESETS
-    p.add_argument("--preset", default=default, choices=list(PRESETS), metavar="NAME",
+    p.add_argument("--preset", default=default, choices=list(PRESETS), metavar="NAME", action=_PairAction,
                    help=f"named preset, one of: {', '.join(PRESETS)} (default: {default})")
+    for side in ("teacher", "student"):
+        p.add_argument(f"--{side}", default=None, metavar="ID_OR_DIR", action=_PairAction,
+                       help=f"the {side} VLM instead of the preset's: a hub id, a local directory (model and "
+                            f"processor, e.g. a saved student) or 'tiny'; the preset's other settings stay")
 
 
 def cmd_demo(a):
@@ -39,12 +53,11 @@ def cmd_demo(a):
 
 
 def cmd_evaluate(a):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from .data import make_split
     from .evaluate import exact_match
+    from .hub import load_hub_vlm
     from .vlm import VLMView
-    model = AutoModelForImageTextToText.from_pretrained(a.student)
-    proc = AutoProcessor.from_pretrained(a.student)
+    model, proc = load_hub_vlm(a.student, dtype="float32")  # the family's processor stand-in without torchvision
     res = exact_match(VLMView(model, proc, name="student"), make_split(a.data_seed, a.split, a.n))
     print(json.dumps({"student": a.student, "data_seed": a.data_seed, "split": a.split, "n": res["n"],
                       "accuracy": res["accuracy"]}))
@@ -100,7 +113,7 @@ def main(argv=None):
 def _extra_commands():
     """Subcommands that live in their own modules (reproduce, cache-teacher, bench, grade, ...)."""
     out = []
-    for mod in ("reproduce", "cache", "bench", "train", "study.transfer", "study.warmstart", "grading"):
+    for mod in ("reproduce", "cache", "bench", "train", "study.transfer", "study.warmstart", "grading", "families"):
         try:
             m = __import__(f"minigenrecal.{mod}", fromlist=["add_command"])
         except ImportError:

@@ -63,7 +63,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 
 
+class PresetName(str):
+    """A preset's name that carries the command line's `--teacher` / `--student` (a hub id, a local directory or
+    'tiny') to `get_preset`, so every command that calls `get_preset(a.preset)` loads the pair it was given."""
+
+    def __new__(cls, name: str, **models: str | None):
+        self = super().__new__(cls, name)
+        self.overrides = {k: v for k, v in models.items() if v}
+        return self
+
+
 def get_preset(name: str, **overrides) -> Preset:
+    """The named preset; `overrides` (and a `PresetName`'s own) replace its fields, e.g. student="path/to/dir"."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(PRESETS[str(name)], **{**getattr(name, "overrides", {}), **overrides})

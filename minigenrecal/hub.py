@@ -1,6 +1,9 @@
-"""Loading real pairs from the Hugging Face hub: the only module that touches the network. Never used by tests.
+"""Loading real pairs from the Hugging Face hub: the only module that touches the network. Tests use it on local
+directories only.
 
-Native transformers classes load through `AutoModelForImageTextToText` + `AutoProcessor`. InternVL2.5's hub
+A model is named by a hub id or a local directory (`--teacher` / `--student`). Native transformers classes load
+through `AutoModelForImageTextToText` + `families.load_processor` (AutoProcessor, or the family's processor without
+its video processor where torchvision is absent). InternVL2.5's hub
 checkpoints (OpenGVLab/InternVL2_5-*) are remote-code `InternVLChatModel`s with another layout:
     LLM  model.language_model (InternLM2ForCausalLM for 8B, Qwen2ForCausalLM for 78B), head = its get_output_embeddings()
     ViT  model.vision_model, projector model.mlp1, `model.extract_feature(pixel_values)` -> (tiles, 256, d_llm)
@@ -16,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from .vlm import SimpleProcessor
+from .families import SimpleProcessor, load_processor, model_type_of_dir
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INTERNVL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
@@ -114,17 +117,22 @@ class InternVLChatAdapter(nn.Module):
 
 
 def is_remote_internvl(hub_id: str) -> bool:
-    """OpenGVLab/InternVL2_5-* are remote code; the '-hf' conversions load natively."""
+    """OpenGVLab/InternVL2_5-* (or a local copy: model type 'internvl_chat') are remote code; the '-hf' conversions
+    load natively."""
+    kind = model_type_of_dir(hub_id)
+    if kind is not None:
+        return kind == "internvl_chat"
     return hub_id.startswith("OpenGVLab/InternVL") and not hub_id.endswith("-hf")
 
 
 def load_hub_vlm(hub_id: str, dtype: str = "bfloat16", remote_code: bool = False):
-    """(model, processor) of a hub VLM. With `remote_code`, InternVL2.5 ids load wrapped in `InternVLChatAdapter`
-    (a preset's flag covers both sides; a native id on the other side still loads natively)."""
-    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    """(model, processor) of a hub id or local directory. With `remote_code`, InternVL2.5 loads wrapped in
+    `InternVLChatAdapter` (a preset's flag covers both sides; a native model on the other side still loads natively)."""
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoTokenizer
     dt = getattr(torch, dtype)
     if not (remote_code and is_remote_internvl(hub_id)):
-        return AutoModelForImageTextToText.from_pretrained(hub_id, dtype=dt).eval(), AutoProcessor.from_pretrained(hub_id)
+        model = AutoModelForImageTextToText.from_pretrained(hub_id, dtype=dt).eval()
+        return model, load_processor(hub_id, model.config.model_type)
     chat = AutoModel.from_pretrained(hub_id, dtype=dt, trust_remote_code=True, low_cpu_mem_usage=True,
                                      use_flash_attn=False).eval()
     tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=True, use_fast=False)

@@ -18,14 +18,17 @@ from .vlm import Encoded, SampleError, VLMView
 
 
 def load_pair(preset: Preset, student_seed: int = 0) -> tuple[VLMView, VLMView]:
-    """(teacher view, student view). `tiny` is offline; other presets load hub ids (network, real weights)."""
+    """(teacher view, student view). A 'tiny' side is offline; a hub id or local directory loads through hub.py
+    (each side on its own, so `--teacher` / `--student` can replace either)."""
+    from .hub import load_hub_vlm
+    from .tiny import build_student, load_teacher
     if preset.teacher == "tiny":
-        from .tiny import build_student, load_teacher
         t_model, t_proc = load_teacher()
-        s_model, s_proc = build_student(student_seed)
-    else:  # real pair: the only place that touches the hub
-        from .hub import load_hub_vlm
+    else:
         t_model, t_proc = load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
+    if preset.student == "tiny":
+        s_model, s_proc = build_student(student_seed)
+    else:
         s_model, s_proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code)
     t_model.requires_grad_(False)
     return (VLMView(t_model, t_proc, preset.max_length, name="teacher"),

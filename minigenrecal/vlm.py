@@ -15,70 +15,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Sample, SampleError, to_rgb  # SampleError: a sample that cannot be used, named in the message
+from .families import Family, SimpleProcessor, family_of_model  # noqa: F401 (SimpleProcessor: its old home)
 from .losses import answer_rows
 
 
 @dataclass
 class Encoded:
-    """One sample rendered by one side: ids = question span + answer span."""
+    """One sample rendered by one side: ids = question span + answer span. `vision` holds the processor's other
+    outputs: per image (pixel_values etc., leading dim = images or tiles) as returned, and per token (the family's
+    `PerToken` outputs) over the question only, (Lq,): `collate` completes them with the family's meaning."""
 
     input_ids: torch.Tensor  # (Lq + La,)
     q_len: int
     a_len: int
-    vision: dict = field(default_factory=dict)  # pixel_values etc., each with a leading dim of 1 image-group
+    vision: dict = field(default_factory=dict)
     id: str = "?"
 
 
-class SimpleProcessor:
-    """Tokenizer + image processor + an image-token expansion rule, for processors that need torchvision.
-
-    `Qwen2VLProcessor` and `InternVLProcessor` require a video processor (and so torchvision); this stands in
-    for them offline with exactly their expansion rule. `family` is 'qwen2vl' or 'internvl'.
-    """
-
-    def __init__(self, tokenizer, image_processor, family: str, image_token: str, image_seq_length: int = 0):
-        self.tokenizer, self.image_processor, self.family = tokenizer, image_processor, family
-        self.image_token, self.image_seq_length = image_token, image_seq_length
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.chat_template = tokenizer.chat_template
-
-    def tokens_per_image(self, vis: dict, k: int, tiles: list[int]) -> int:
-        """Image tokens for image k: Qwen2-VL's merged grid, or InternVL's fixed count per tile."""
-        if self.family == "qwen2vl":
-            return int(vis["image_grid_thw"][k].prod()) // self.image_processor.merge_size ** 2
-        return self.image_seq_length * tiles[k]
-
-    def __call__(self, text, images=None, return_tensors="pt", padding=False, padding_side="right"):
-        flat = [im for group in (images or []) for im in (group if isinstance(group, (list, tuple)) else [group])]
-        vis = dict(self.image_processor(flat, return_tensors="pt")) if flat else {}
-        tiles = [int(n) for n in vis.pop("num_patches", [1] * len(flat))]  # InternVL: tiles per image
-        k, expanded = 0, []
-        for t in text:
-            parts = t.split(self.image_token)
-            if k + len(parts) - 1 > len(flat):
-                raise ValueError(f"more {self.image_token} placeholders than images ({len(flat)})")
-            out = parts[0]
-            for p in parts[1:]:
-                out += self.image_token * self.tokens_per_image(vis, k, tiles) + p
-                k += 1
-            expanded.append(out)
-        if k != len(flat):
-            raise ValueError(f"{len(flat)} images but {k} {self.image_token} placeholders")
-        enc = dict(self.tokenizer(expanded, return_tensors=return_tensors, padding=padding,
-                                  padding_side=padding_side, add_special_tokens=False))
-        if self.family == "qwen2vl":
-            enc["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
-        return {**enc, **vis}
-
-
 def _image_token_id(model, processor) -> int:
-    for obj in (processor, model.config):
+    """The token the model fills with image features: its config's, else the processor's (Gemma3's processor
+    names <start_of_image> there, which only opens the image)."""
+    for obj in (model.config, processor):
         for name in ("image_token_id", "image_token_index"):
             v = getattr(obj, name, None)
             if isinstance(v, int):
                 return v
     tok = getattr(processor, "tokenizer", processor)
     return tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+
+
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Join per-image tensors along dim 0, zero-padding every other dim to the largest (equal sizes: plain cat)."""
+    shape = [max(t.shape[i] for t in tensors) for i in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = [p for i in reversed(range(1, t.dim())) for p in (0, shape[i - 1] - t.shape[i])]
+        padded.append(F.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
 
 
 class VLMView:
@@ -96,6 +69,8 @@ class VLMView:
         eos = eos if isinstance(eos, list) else [eos]
         self.eot_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.family: Family | None = family_of_model(model)  # what differs per family (families.FAMILIES)
+        self.per_token = self.family.per_token if self.family is not None else {}
 
     # -- the model, as the paper splits it --------------------------------------------------------------
     @property
@@ -169,11 +144,33 @@ class VLMView:
                     raise SampleError(f"sample {s.id}: the {part} contains the end-of-turn string {end!r} "
                                       f"of {self.name}, which would end the turn inside it")
 
+    def adds_special_tokens(self, prompt: str) -> bool:
+        """Whether the tokenizer may add its special tokens to a rendered prompt: not when the prompt already starts
+        with BOS (the rule of transformers' `processor.apply_chat_template(tokenize=True)`), so a tokenizer that
+        adds BOS itself never gives two."""
+        bos = self.tokenizer.bos_token
+        return not (bos and prompt.startswith(bos))
+
     def _vision_inputs(self, s: Sample, prompt: str) -> dict:
         try:
-            return dict(self.processor(text=[prompt], images=[[s.image]], return_tensors="pt"))
+            return dict(self.processor(text=[prompt], images=[[s.image]], return_tensors="pt",
+                                       add_special_tokens=self.adds_special_tokens(prompt)))
         except Exception as e:  # the processor's own check, re-raised with the sample's name
             raise SampleError(f"sample {s.id}: {self.name} processor rejected it: {e}") from e
+
+    def _split_outputs(self, out: dict, q_len: int) -> dict:
+        """Processor outputs minus the ids and mask: per-image ones as they are, per-token ones as (Lq,)."""
+        vision = {}
+        for k, v in out.items():
+            if k in self.per_token:
+                vision[k] = torch.as_tensor(v)[0]  # (Lq,); collate completes it over answer and padding
+            elif torch.is_tensor(v) and v.shape == (1, q_len):
+                raise ValueError(f"{self.name}: the processor returns the per-token output {k!r}, which "
+                                 f"minigenrecal/families.py does not describe for model type "
+                                 f"{self.model.config.model_type!r}; add the family there")
+            else:
+                vision[k] = v
+        return vision
 
     def encode(self, s: Sample) -> Encoded:
         """Render one sample with this model's own chat template and image pipeline; checks every failure mode."""
@@ -191,6 +188,7 @@ class VLMView:
         out = self._vision_inputs(s, prompt)
         q = out.pop("input_ids")[0]
         out.pop("attention_mask", None)
+        out = self._split_outputs(out, len(q))
         n_img = int((q == self.image_token_id).sum())
         expected = self.expected_image_tokens(out)
         if expected is not None and n_img != expected:
@@ -202,35 +200,22 @@ class VLMView:
         if len(q) + len(a) > self.max_length:
             raise SampleError(f"sample {s.id}: rejected, too long for max_length={self.max_length} ({self.name}: "
                               f"question {len(q)} + answer {len(a)} tokens); raise max_length or shorten it")
-        mm = out.pop("mm_token_type_ids", None)
-        if mm is not None:
-            out["mm_token_type_ids"] = mm[0]  # per-token; re-padded in collate
         return Encoded(torch.cat([q, a]), len(q), len(a), out, s.id)
 
     def expected_image_tokens(self, vis: dict) -> int | None:
-        """How many image tokens the model's vision tower will produce for these pixels (None if unknown)."""
-        cfg = self.model.config
-        if "image_grid_thw" in vis:  # Qwen2-VL
-            return int(vis["image_grid_thw"].prod(-1).sum()) // cfg.vision_config.spatial_merge_size ** 2
-        pv = vis.get("pixel_values")
-        if pv is None:
+        """How many image tokens the model's vision tower will produce for these pixels (None: a family the table
+        does not describe)."""
+        if self.family is None or "pixel_values" not in vis:
             return None
-        kind = cfg.model_type
-        if kind == "llava":
-            vc = cfg.vision_config
-            return pv.shape[0] * (vc.image_size // vc.patch_size) ** 2
-        if kind in ("idefics3", "smolvlm"):
-            vc = cfg.vision_config
-            n_img = int(vis["pixel_attention_mask"].flatten(2).any(-1).sum()) if "pixel_attention_mask" in vis else pv.shape[1]
-            return n_img * int((vc.image_size // vc.patch_size) ** 2 / cfg.scale_factor ** 2)
-        if kind == "internvl":
-            vc = cfg.vision_config
-            per = int((vc.image_size[0] // vc.patch_size[0]) ** 2 * cfg.downsample_ratio ** 2)
-            return pv.shape[0] * per
-        return None
+        return self.family.image_tokens(self.model.config, vis)
 
     def collate(self, encs: list[Encoded]) -> dict:
-        """Right-pad to one batch; q_lens and a_lens ride along as (B,) tensors."""
+        """Right-pad to one batch; q_lens and a_lens ride along as (B,) tensors.
+
+        Per-image outputs are joined along their first dim (zero-padded where sizes differ, e.g. LLaVA-NeXT's tile
+        counts). Per-token outputs take the family's meaning: the processor's values over the question, the family's
+        answer value (or the answer ids) over the answer, its pad value at padding: (B, T) like input_ids.
+        """
         T = max(len(e.input_ids) for e in encs)
         ids = torch.full((len(encs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encs), T), dtype=torch.long)
@@ -240,14 +225,21 @@ class VLMView:
         batch = {"input_ids": ids, "attention_mask": mask,
                  "q_lens": torch.tensor([e.q_len for e in encs]), "a_lens": torch.tensor([e.a_len for e in encs])}
         for k in encs[0].vision:
-            if k == "mm_token_type_ids":
-                mm = torch.zeros((len(encs), T), dtype=torch.long)
-                for b, e in enumerate(encs):
-                    mm[b, : len(e.vision[k])] = e.vision[k]
-                batch[k] = mm
+            if k in self.per_token:
+                batch[k] = self._per_token(k, encs, ids)
             else:
-                batch[k] = torch.cat([e.vision[k] for e in encs])
+                batch[k] = cat_padded([e.vision[k] for e in encs])
         return batch
+
+    def _per_token(self, key: str, encs: list[Encoded], ids: torch.Tensor) -> torch.Tensor:
+        """(B, T): question values from the processor, the family's answer value, its pad value after."""
+        spec = self.per_token[key]
+        out = torch.full(ids.shape, spec.pad, dtype=encs[0].vision[key].dtype)
+        for b, e in enumerate(encs):
+            out[b, : e.q_len] = e.vision[key]
+            answer = ids[b, e.q_len: e.q_len + e.a_len]
+            out[b, e.q_len: e.q_len + e.a_len] = answer if spec.answer is None else spec.answer
+        return out
 
     # -- spans -----------------------------------------------------------------------------------------
     def answer_labels(self, batch: dict) -> torch.Tensor:
@@ -266,8 +258,9 @@ class VLMView:
         prompts = [self.prompt(s) for s in samples]
         dev = next(self.model.parameters()).device
         images = [[to_rgb(s.image, s.id)] for s in samples]
-        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left",
+                                add_special_tokens=self.adds_special_tokens(prompts[0]))
+        inputs = {k: v.to(dev) for k, v in inputs.items() if k != "labels"}
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.pad_id, eos_token_id=sorted(self.eot_ids))
         new = out[:, inputs["input_ids"].shape[1]:]
