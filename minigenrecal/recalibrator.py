@@ -4,24 +4,39 @@ It has no embedding table and no LM head of its own: its output is read by the t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+
+# Decoders whose attention hard-codes a q/k/v bias (and no o_proj bias) whatever `attention_bias` says
+QKV_BIAS_TYPES = ("qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text")
+
+
+def rope_theta(cfg) -> float:
+    """RoPE base: `rope_parameters` (per layer type in Gemma3: its full-attention layers', as the Recalibrator
+    attends over the whole sequence), else `rope_theta`, else 10000."""
+    rope = getattr(cfg, "rope_parameters", None)
+    rope = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
+    return float(rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0)
 
 
 def text_dims(cfg) -> dict:
-    """The student decoder's dimensions, read from a transformers text config."""
-    d = cfg.hidden_size
-    h = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or d // h
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
-    return dict(d=d, n_heads=h, n_kv=getattr(cfg, "num_key_value_heads", None) or h, head_dim=head_dim,
-                ffn=cfg.intermediate_size, eps=getattr(cfg, "rms_norm_eps", 1e-6), theta=float(theta),
-                qkv_bias=bool(getattr(cfg, "attention_bias", False) or cfg.model_type in ("qwen2", "qwen2_vl_text", "qwen2_vl")))
+    """The student decoder's dimensions from its text config. Biases: q/k/v from `attention_bias` or a Qwen2 model
+    type, o_proj from `attention_bias` (Llama's meaning), FFN from `mlp_bias`. Activation: `hidden_activation`
+    (Gemma2/3) or `hidden_act`. `attn_scale`: `query_pre_attn_scalar ** -0.5` (Gemma2/3), else 1/sqrt(head_dim).
+    RoPE scalings (linear, yarn, M-RoPE sections) are not copied: NPE is a fresh 1-D RoPE at the student's theta."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    attention_bias = bool(getattr(cfg, "attention_bias", False))
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    return dict(d=d, n_heads=h, n_kv=getattr(cfg, "num_key_value_heads", None) or h,
+                head_dim=getattr(cfg, "head_dim", None) or d // h, ffn=cfg.intermediate_size,
+                eps=getattr(cfg, "rms_norm_eps", 1e-6), theta=rope_theta(cfg),
+                qkv_bias=attention_bias or cfg.model_type in QKV_BIAS_TYPES, o_bias=attention_bias,
+                mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+                act=getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu",
+                attn_scale=float(scalar) ** -0.5 if scalar else None)
 
 
 class RMSNorm(nn.Module):
@@ -45,18 +60,22 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm causal decoder block: RMSNorm -> GQA attention with RoPE -> RMSNorm -> gated-SiLU FFN."""
+    """Pre-norm causal decoder block: RMSNorm -> GQA attention with RoPE -> RMSNorm -> gated FFN (`act`, the
+    student's activation; SiLU for Llama and Qwen). Every size and bias comes from `text_dims`."""
 
-    def __init__(self, d, n_heads, n_kv, head_dim, ffn, eps, theta, qkv_bias):
+    def __init__(self, d, n_heads, n_kv, head_dim, ffn, eps, theta, qkv_bias, o_bias=False, mlp_bias=False,
+                 act="silu", attn_scale=None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim, self.theta = n_heads, n_kv, head_dim, theta
+        self.attn_scale = attn_scale  # None: 1/sqrt(head_dim)
         self.norm1, self.norm2 = RMSNorm(d, eps), RMSNorm(d, eps)
         self.q = nn.Linear(d, n_heads * head_dim, bias=qkv_bias)
         self.k = nn.Linear(d, n_kv * head_dim, bias=qkv_bias)
         self.v = nn.Linear(d, n_kv * head_dim, bias=qkv_bias)
-        self.o = nn.Linear(n_heads * head_dim, d, bias=False)
-        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
-        self.down = nn.Linear(ffn, d, bias=False)
+        self.o = nn.Linear(n_heads * head_dim, d, bias=o_bias)
+        self.gate, self.up = nn.Linear(d, ffn, bias=mlp_bias), nn.Linear(d, ffn, bias=mlp_bias)
+        self.down = nn.Linear(ffn, d, bias=mlp_bias)
+        self.act = ACT2FN[act]  # no parameters
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -67,10 +86,10 @@ class Block(nn.Module):
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale)  # (B, H, T, hd)
         x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
         h = self.norm2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return x + self.down(self.act(self.gate(h)) * self.up(h))
 
 
 class Recalibrator(nn.Module):

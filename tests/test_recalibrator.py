@@ -120,3 +120,90 @@ def test_no_embedding_or_head_of_its_own():
     assert isinstance(recal.norm, torch.nn.LayerNorm) and recal.norm.normalized_shape == (48,)
     assert recal.proj_pre.in_features == 48 and recal.proj_post.out_features == 48
     assert len(recal.blocks) == 2
+
+
+# -- every block dimension from the student's text config, per family ------------------------------------------------
+def test_the_tiny_students_recalibrator_is_unchanged():
+    """The committed tiny numbers rest on it: same parameter names, count and seed-0 initial weights."""
+    from minigenrecal.tiny import build_student, weights_digest
+    cfg = build_student(0)[0].config.get_text_config()
+    torch.manual_seed(0)
+    recal = Recalibrator(192, cfg)
+    names = [n for n, _ in recal.named_parameters()]
+    per_block = [f"{m}.weight" for m in ("norm1", "norm2", "q", "k", "v", "o", "gate", "up", "down")]
+    outer = ["proj_pre.weight", "proj_pre.bias", "proj_post.weight", "proj_post.bias", "norm.weight", "norm.bias"]
+    assert sorted(names) == sorted(outer + [f"blocks.{i}.{n}" for i in (0, 1) for n in per_block])
+    assert sum(p.numel() for p in recal.parameters()) == 240672
+    assert weights_digest(recal) == "b1421659f737731e9c915d1ebba5739c8f5d0e28c3bbf2c6c79e79d477b7eabc"
+
+
+def test_biases_activation_and_scale_come_from_the_config():
+    from transformers import Gemma3TextConfig, Qwen2_5_VLConfig
+    qwen25 = text_dims(Qwen2_5_VLConfig(text_config=dict(hidden_size=64, num_attention_heads=4)).get_text_config())
+    assert qwen25["qkv_bias"] and not qwen25["o_bias"]  # model_type 'qwen2_5_vl_text'
+    biased = text_dims(LlamaConfig(hidden_size=32, num_attention_heads=4, attention_bias=True, mlp_bias=True,
+                                   hidden_act="gelu"))
+    assert biased["qkv_bias"] and biased["o_bias"] and biased["mlp_bias"] and biased["act"] == "gelu"
+    gemma3 = text_dims(Gemma3TextConfig(hidden_size=64, num_attention_heads=4, head_dim=16, query_pre_attn_scalar=24))
+    assert gemma3["theta"] == 1_000_000.0  # its full-attention layers' base, not the 10000 fallback
+    assert gemma3["act"] == "gelu_pytorch_tanh" and gemma3["head_dim"] == 16 and gemma3["attn_scale"] == 24 ** -0.5
+    block = Recalibrator(32, LlamaConfig(hidden_size=32, num_attention_heads=4, attention_bias=True)).blocks[0]
+    assert block.o.bias is not None and block.q.bias is not None and block.gate.bias is None
+
+
+def _reference_text_model(cfg):
+    """The family's own text decoder from its text config, 2 layers, causal (PaliGemma's marks it bidirectional:
+    the VLM builds its own prefix mask)."""
+    import copy
+    from transformers import AutoModel
+    cfg = copy.deepcopy(cfg)
+    cfg.num_hidden_layers = 2
+    if getattr(cfg, "use_bidirectional_attention", None):
+        cfg.use_bidirectional_attention = False
+    return AutoModel.from_config(cfg).eval()
+
+
+def _copy_into_reference(recal, ref, norm_offset: float):
+    """The Recalibrator's block weights into the reference layers (Gemma's RMSNorm scales by 1 + weight)."""
+    with torch.no_grad():
+        for blk, layer in zip(recal.blocks, ref.layers):
+            a, m = layer.self_attn, layer.mlp
+            for mine, theirs in ((blk.q, a.q_proj), (blk.k, a.k_proj), (blk.v, a.v_proj), (blk.o, a.o_proj),
+                                 (blk.gate, m.gate_proj), (blk.up, m.up_proj), (blk.down, m.down_proj)):
+                assert (mine.bias is None) == (theirs.bias is None)
+                theirs.weight.copy_(mine.weight)
+                if mine.bias is not None:
+                    mine.bias.normal_()
+                    theirs.bias.copy_(mine.bias)
+            for mine, theirs in ((blk.norm1, layer.input_layernorm), (blk.norm2, layer.post_attention_layernorm)):
+                mine.weight.copy_(torch.rand_like(mine.weight) + 0.5)
+                theirs.weight.copy_(mine.weight - norm_offset)
+
+
+def _standard_configs():
+    from minigenrecal.families import FAMILIES
+    biased = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         attention_bias=True, mlp_bias=True, hidden_act="gelu", rope_theta=500.0)
+    cases = [pytest.param(biased, id="llama-biases-gelu")]
+    for key, f in FAMILIES.items():
+        if f.standard_layer:
+            model, _ = f.build(seed=0, d=f.width or 32, layers=2)  # as many layers as Recalibrator blocks
+            cases.append(pytest.param(model.config.get_text_config(), id=key))
+    return cases
+
+
+@pytest.mark.parametrize("cfg", _standard_configs())
+def test_blocks_match_the_familys_own_decoder_layer(cfg):
+    torch.manual_seed(0)
+    recal = Recalibrator(48, cfg)
+    ref = _reference_text_model(cfg)
+    gemma = cfg.model_type.startswith("gemma")
+    _copy_into_reference(recal, ref, 1.0 if gemma else 0.0)
+    d = cfg.hidden_size
+    x = torch.randn(2, 7, d)
+    with torch.no_grad():
+        h = x
+        for blk in recal.blocks:
+            h = blk(h, torch.arange(7))
+        expected = ref(inputs_embeds=x).last_hidden_state  # = final_norm(layers(x))
+    torch.testing.assert_close(ref.norm(h), expected, rtol=1e-4, atol=1e-4)
