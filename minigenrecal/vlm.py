@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Sample, SampleError, to_rgb  # SampleError: a sample that cannot be used, named in the message
-from .families import Family, SimpleProcessor, family_of_model  # noqa: F401 (SimpleProcessor: its old home)
+from .families import Family, SimpleProcessor, family_of_model  # noqa: F401 (SimpleProcessor re-exported)
 from .losses import answer_rows
 
 
