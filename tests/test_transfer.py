@@ -180,3 +180,23 @@ def test_knob_probes_never_read_the_test_split(tmp_path):
     with pytest.raises(ValueError, match="val split"):
         T.tune_lr(plan, [1e-3], tmp_path)
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_the_longer_budget_rerun_matches_its_reports():
+    """results/transfer_long (the headline at the budget where SFT fits its training set, chosen on val in
+    results/transfer/val_budget.json): its figures are recomputed from its rows, and the README quotes them."""
+    from minigenrecal.study import transfer as T
+    from minigenrecal.tiny import ROOT
+    out = ROOT / "results" / "transfer_long"
+    res = json.loads((out / "transfer.json").read_text())
+    plan = res["plan"]
+    assert len(plan["seeds"]) >= 6 and plan["n_test"] >= 2000 and plan["eval_split"] == "test"
+    assert tuple(plan["steps"]) == (400, 800, 800) and plan["steps"][1] + plan["steps"][2] == 1600
+    budget = json.loads((ROOT / "results" / "transfer" / "val_budget.json").read_text())
+    fits = [int(k) for k, runs in budget["runs"]["noise0.5"].items() if min(r["train_acc_own_labels"] for r in runs) >= 0.99
+            and min(r["train_acc_own_labels"] for r in budget["runs"]["noise0"][k]) >= 0.99]
+    assert min(fits) == 1600 and budget["split"] == "val"  # the smallest budget at which SFT fits, on val
+    assert T.analyse(res) == res["analysis"]
+    assert "\n".join(T.report_lines(res)) in (out / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert all(line in readme for line in T.headline_lines(res))
