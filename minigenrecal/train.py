@@ -67,11 +67,12 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
         if preset.remote_code:
             raise ValueError(f"{preset.teacher} loads through remote code, which cannot be built on the meta device "
                              "for FSDP: launch with configs/zero3.yaml instead")
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        from .families import load_processor
+        config = AutoConfig.from_pretrained(preset.teacher)
         with ctx:
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(preset.teacher),
-                                                            dtype=getattr(torch, preset.dtype))
-        return model.eval(), AutoProcessor.from_pretrained(preset.teacher)
+            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, preset.dtype))
+        return model.eval(), load_processor(preset.teacher, config.model_type)
     return load
 
 
