@@ -73,6 +73,16 @@ def encode_pairs(teacher: VLMView | None, student: VLMView, samples: list[Sample
     return PairData(s_encs, t_encs if teacher is not None else None)
 
 
+def as_samples(train, skipped: list | None = None) -> list[Sample]:
+    """A list of Samples as it is; anything else `sources.open_source` reads (a `datasets.Dataset` or streaming
+    `IterableDataset` with an Image or path column and LLaVA `conversations` or `question`/`answer` columns, a
+    JSON/JSONL path, a `save_to_disk` directory) becomes one, images decoded; bad records go to `skipped`."""
+    if isinstance(train, list):
+        return train
+    from .sources import iter_samples, open_source
+    return list(iter_samples(open_source(train), "reject", skipped))
+
+
 def write_skip_report(out, skipped: list[dict]) -> Path:
     """OUT/skipped.jsonl: one JSON line per skipped sample, {"id": ..., "reason": ...} (empty when none)."""
     path = Path(out) / "skipped.jsonl"
@@ -91,6 +101,7 @@ def run_genrecal(teacher: VLMView, student: VLMView, train: list[Sample], stages
     ({"id", "reason"} each); `strict=True` raises on the first one instead.
     With `checkpoint`, stages finished before its resume point are not rerun (nor is `callback` for them)."""
     skipped = None if strict else []
+    train = as_samples(train, skipped)
     data = encode_pairs(teacher, student, train, skipped)
     if skipped:
         print(f"skipped {len(skipped)} of {len(train)} training samples that cannot be rendered "

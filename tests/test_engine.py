@@ -141,3 +141,48 @@ def test_a_stream_trains_in_order_and_restarts_at_its_end():
     assert len(hist) == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     assert seen[:8] == list(range(8)) and len(seen) >= 20  # in order; 5 batches of 4 = 2.5 passes
     assert any(not torch.equal(b, p) for b, p in zip(before, student.model.parameters()))
+
+
+def test_stages_as_separate_launches_continue_from_the_saved_recalibrator(tmp_path):
+    """`--stages 1,2` saves the gathered student and Recalibrator; `--stages 3 --recal-in OUT --student OUT/student`
+    continues in a new launch: it starts from exactly those weights and saves the Recalibrator it did not train."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--preset", "tiny", "--steps", "1", "--n", "4", "--batch-size", "2", "--quiet", "--checkpoint-every", "0"]
+    first, second = tmp_path / "s12", tmp_path / "s3"
+    for extra in (["--stages", "1,2", "--out", str(first)],
+                  ["--stages", "3", "--recal-in", str(first), "--student", str(first / "student"), "--out", str(second),
+                   "--state-out", str(tmp_path / "st")]):
+        r = subprocess.run([sys.executable, "-m", "minigenrecal", "train", *common, *extra], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(first / "recalibrator.safetensors")), load_file(str(second / "recalibrator.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((first / "recalibrator.json").read_text())["depth"] >= 1
+    saved = AutoModelForImageTextToText.from_pretrained(first / "student").state_dict()
+    start = torch.load(tmp_path / "st" / "stage0-rank0.pt", weights_only=False)["params"]
+    assert all(torch.equal(start["student." + k].float(), v.float()) for k, v in saved.items())  # where 1,2 ended
+    assert AutoModelForImageTextToText.from_pretrained(second / "student") is not None
+
+
+def test_run_genrecal_takes_a_datasets_dataset_with_an_image_column(capsys):
+    """`run_genrecal(teacher, student, ds, ...)` with a `datasets.Dataset` (PIL images in an Image column, LLaVA
+    conversations): the same samples as the list it was made from; a row without an image is skipped and said so."""
+    import datasets
+    from minigenrecal.pipeline import as_samples, run_genrecal
+    samples = make_split(0, "train", 5)
+    rows = [{"id": s.id, "image": s.image,
+             "conversations": [{"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]}
+            for s in samples]
+    rows[2]["image"] = None
+    ds = datasets.Dataset.from_list(rows, features=datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(),
+        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]}))
+    skipped = []
+    got = as_samples(ds, skipped)
+    assert [s.id for s in got] == [f"{s.id}#0" for i, s in enumerate(samples) if i != 2] and len(skipped) == 1  # turn 0
+    assert all(g.question == s.question and g.answer == s.answer for g, s in zip(got, samples[:2]))
+    teacher, student = build_tiny_pair(get_preset("tiny"))
+    run = run_genrecal(teacher, student, ds, {1: StageConfig(steps=1, batch_size=2)}, until=1, progress=False)
+    assert [r["id"] for r in run["skipped"]] == [skipped[0]["id"]] and "skipped 1 of 4" in capsys.readouterr().out
