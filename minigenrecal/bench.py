@@ -147,6 +147,14 @@ def _batch(B, Lq, La, V, device):
             "a_lens": torch.full((B,), La)}
 
 
+def dims_of(hub_id: str) -> "TextDims":
+    """The language model's dimensions of a checkpoint `bench` knows (DIMS); a clear error for any other id."""
+    if hub_id not in DIMS:
+        raise ValueError(f"bench has no dimensions for {hub_id!r} (a --teacher/--student override?): it knows "
+                         f"{', '.join(sorted(DIMS))}; add its TextDims to bench.DIMS")
+    return DIMS[hub_id]
+
+
 # -- memory: arithmetic estimate before building, measured peak after ------------------------------------
 @functools.lru_cache(maxsize=None)
 def _param_counts(dims: TextDims) -> tuple[int, int]:
@@ -174,7 +182,7 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     from .config import get_preset
     from .recalibrator import count_parameters
     preset = get_preset(preset_name)
-    td, sd = DIMS[preset.teacher].scaled(scale), DIMS[preset.student].scaled(scale)
+    td, sd = dims_of(preset.teacher).scaled(scale), dims_of(preset.student).scaled(scale)
     lq_l = lq_l or lq
     wb = weight_bytes
     P_t, P_th = _param_counts(td)
@@ -274,7 +282,7 @@ def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, l
     preset = get_preset(preset_name)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    td, sd = DIMS[preset.teacher].scaled(scale), DIMS[preset.student].scaled(scale)
+    td, sd = dims_of(preset.teacher).scaled(scale), dims_of(preset.student).scaled(scale)
     lq_l = lq_l or lq
     est_kw = dict(batch=batch, lq=lq, la=la, lq_l=lq_l, use_cache=use_cache, chunk=chunk, scale=scale,
                   weight_bytes=dtype.itemsize)

@@ -68,3 +68,11 @@ def test_docs_memory_table_is_the_one_bench_prints():
     e1 = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 1, batch=4, gpus=8, master_fp32=True)
     assert e1["grads + AdamW"] == e["grads + AdamW"]
     assert abs(e["grads + AdamW"] / (e["student"] + e["recalibrator"]) - 8) < 1e-9  # 16 bytes vs 2
+
+
+def test_bench_names_a_checkpoint_it_has_no_dimensions_for():
+    import pytest
+    from minigenrecal.bench import DIMS, dims_of
+    assert dims_of(next(iter(DIMS))) is DIMS[next(iter(DIMS))]
+    with pytest.raises(ValueError, match=r"no dimensions for 'someone/new-vlm'.*add its TextDims"):
+        dims_of("someone/new-vlm")
