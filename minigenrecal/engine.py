@@ -1,7 +1,7 @@
 """One training engine per run: the student and the Recalibrator form one module, prepared once.
 
-Decision (issue: later stages stepped the wrong engine). A run prepares ONE module (student + Recalibrator) and
-ONE AdamW for all three stages; a stage does not prepare anything new. It switches what trains instead:
+Decision: a run prepares ONE module (student + Recalibrator) and ONE AdamW for all three stages; a stage does not
+prepare anything new (a second `prepare` would leave DeepSpeed stepping the first engine). It switches what trains:
 
 - Every parameter that trains in SOME stage of the run gets `requires_grad=True` once, before preparing, so DDP's
   reducer, FSDP2 and DeepSpeed all know it from the start. What a stage does not train receives no gradient
@@ -60,7 +60,7 @@ def decay_fn(cfg: StageConfig):
 class Engine:
     """Student + Recalibrator (+ the frozen teacher head beside them) prepared once for the stages in `plan`.
 
-    backend: a `sharding.Backend` (default: the one the launch asks for, see `sharding.get_backend`).
+    backend: one of sharding.py's backends (default: the one the launch asks for, `sharding.get_backend`).
     After `begin(stage, cfg)`: `acc` (the accelerate-like object the loop talks to), `module`, `opt`, `sched`.
     """
 
