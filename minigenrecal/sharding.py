@@ -259,31 +259,33 @@ class FSDPBackend(_Distributed):
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
+        """Every rank builds the teacher on the meta device, shards it, and materialises only its own shards on its
+        device; rank 0 alone reads the weights (to host memory) and broadcasts each shard's part."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from .vlm import VLMView
-        rank0 = self.is_main_process
-        model, proc = load(not rank0)  # the other ranks: on the meta device, no weights read
+        full, buffers, head = {}, {}, None
+        if self.is_main_process:
+            whole, _ = load(False)  # host memory of rank 0 only; never on a GPU whole
+            full, buffers = whole.state_dict(), dict(whole.named_buffers())
+            head = whole.get_output_embeddings()
+            del whole
+        model, proc = load(True)
         model.requires_grad_(False)
         view = VLMView(model, proc, max_length, name="teacher")
-        full = model.state_dict() if rank0 else {}
-        head = view.head
-        w = head.weight.detach().to(self.device) if rank0 else torch.empty(head.weight.shape, dtype=head.weight.dtype, device=self.device)
+        shape = view.head.weight.shape
+        w = head.weight.detach().to(self.device) if head is not None else torch.empty(shape, dtype=view.head.weight.dtype, device=self.device)
         b = None
-        if head.bias is not None:
-            b = head.bias.detach().to(self.device) if rank0 else torch.empty(head.bias.shape, dtype=head.bias.dtype, device=self.device)
+        if view.head.bias is not None:
+            b = head.bias.detach().to(self.device) if head is not None else torch.empty(view.head.bias.shape, dtype=view.head.bias.dtype, device=self.device)
         for t in (w, b):
             if t is not None:
                 dist.broadcast(t, 0)
-        buffers = {n: bf.to(self.device) for n, bf in model.named_buffers()} if rank0 else None
         body = _TeacherBody(view)
         self._shard(body, model)
-        if not rank0:
-            body.to_empty(device=self.device)
-        else:
-            body.to(self.device)
+        body.to_empty(device=self.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for n, bf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in the state dict
-            if rank0:
+            if self.is_main_process:
                 bf.copy_(buffers[n])
             dist.broadcast(bf, 0)
         body.eval()
