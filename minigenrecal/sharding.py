@@ -221,8 +221,9 @@ class FSDPBackend(_Distributed):
 
     Student + Recalibrator: fp32 sharded master weights (frozen parts too: FSDP2 wants one dtype per group),
     bf16 compute and fp32 gradient reduction on CUDA (MixedPrecisionPolicy). The teacher: sharded in its own dtype,
-    no optimizer, forward under no_grad. Rank 0 alone reads the teacher's weights; the other ranks build it on the
-    meta device and receive their shards (`set_model_state_dict(..., broadcast_from_rank0=True)`).
+    no optimizer, forward under no_grad. Every rank builds it on the meta device and materialises only its shards;
+    rank 0 alone reads the weights, into host memory, and broadcasts them (`set_model_state_dict(...,
+    broadcast_from_rank0=True)`).
     """
 
     name = "fsdp"
