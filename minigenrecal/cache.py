@@ -618,7 +618,11 @@ def cmd_cache_teacher(a):
         print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
               f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
         print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
-    if dist.is_initialized():
+    from .sharding import get_backend, reset
+    if get_backend().name != "accelerate":  # sharded teacher: its engines, then the process group
+        get_backend().close()
+        reset()
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 

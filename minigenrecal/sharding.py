@@ -52,6 +52,12 @@ def get_backend(name: str | None = None):
     return _BACKEND
 
 
+def reset() -> None:
+    """Forget this process's backend (after `close`)."""
+    global _BACKEND
+    _BACKEND = None
+
+
 # -- accelerate (one process, or DDP) ---------------------------------------------------------------------
 _ACCELERATOR = None
 
@@ -107,6 +113,9 @@ class AccelerateBackend:
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.acc.unwrap_model(module).state_dict().items()}
+
+    def close(self) -> None:
+        """Nothing to tear down: the process's one Accelerator may serve more runs (notebooks, tests)."""
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         from .vlm import VLMView
@@ -206,6 +215,15 @@ class _Distributed:
                                   f"saves the gathered student and Recalibrator (train --checkpoint-every 0)")
 
     load_state = save_state
+
+    def close(self) -> None:
+        """Tear down in order at the end of a launch (engines, then the process group), so no communication
+        thread outlives the interpreter: left to exit, one can abort the process after the work is done."""
+        for engine in getattr(self, "engines", []):
+            engine.destroy()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def set_grad_accum(self, n: int, batch_size: int) -> None:
         launch = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
@@ -309,7 +327,7 @@ class DeepSpeedBackend(_Distributed):
         super().__init__()
         self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"))
         self.clip = float(os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "0") or 0)
-        self.engine = None
+        self.engine, self.engines = None, []
         self.teacher_loaded_partitioned = None  # recorded for the load-order check
 
     def config(self, zero_stage: int, train: bool = True) -> dict:
@@ -326,6 +344,7 @@ class DeepSpeedBackend(_Distributed):
     def prepare_module(self, module, opt):
         import deepspeed
         self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.config(self.zero_stage))
+        self.engines.append(self.engine)
         return self.engine, _EngineOptimizer(self.engine, self), ds_opt.optimizer
 
     def _sync(self, module) -> None:
@@ -365,6 +384,7 @@ class DeepSpeedBackend(_Distributed):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             replica = _linear_like(head.weight, head.bias, self.device)
         engine, *_ = deepspeed.initialize(model=_TeacherBody(view), config=cfg)
+        self.engines.append(engine)
         engine.eval()
         _route_through(view, engine)
         return view, replica
