@@ -85,7 +85,7 @@ class Engine:
     def begin(self, stage: int, cfg: StageConfig):
         """Switch to `stage`: per-group lr and weight decay, fresh AdamW moments, the stage's schedule and
         gradient accumulation. Returns the LR scheduler."""
-        self.backend.set_grad_accum(cfg.grad_accum, cfg.batch_size)
+        self.backend.set_grad_accum(cfg.grad_accum)
         for g in self.inner.param_groups:
             lr = (cfg.lr * (cfg.vision_lr_scale if g["name"] == "vision" else 1.0)) if trains(g["name"], stage, cfg) else 0.0
             g["lr"] = g["initial_lr"] = lr

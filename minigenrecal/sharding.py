@@ -107,7 +107,7 @@ class AccelerateBackend:
         module, prepared = self.acc.prepare(module, opt)
         return module, prepared, opt
 
-    def set_grad_accum(self, n: int, batch_size: int) -> None:
+    def set_grad_accum(self, n: int) -> None:
         self.acc.gradient_accumulation_steps = n
         self.acc.step = 0  # each stage starts a fresh accumulation window
 
@@ -225,7 +225,7 @@ class _Distributed:
             dist.barrier()
             dist.destroy_process_group()
 
-    def set_grad_accum(self, n: int, batch_size: int) -> None:
+    def set_grad_accum(self, n: int) -> None:
         launch = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
         if launch not in (1, n):
             raise ValueError(f"the launch config fixes gradient_accumulation_steps at {launch}, but this stage asks "
@@ -246,7 +246,7 @@ class FSDPBackend(_Distributed):
 
     name = "fsdp"
 
-    def _policy(self, dtype=None):
+    def _policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
         if self.bf16:
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -282,23 +282,14 @@ class FSDPBackend(_Distributed):
         device; rank 0 alone reads the weights (to host memory) and broadcasts each shard's part."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from .vlm import VLMView
-        full, buffers, head = {}, {}, None
+        full, buffers = {}, {}
         if self.is_main_process:
             whole, _ = load(False)  # host memory of rank 0 only; never on a GPU whole
             full, buffers = whole.state_dict(), dict(whole.named_buffers())
-            head = whole.get_output_embeddings()
             del whole
         model, proc = load(True)
         model.requires_grad_(False)
         view = VLMView(model, proc, max_length, name="teacher")
-        shape = view.head.weight.shape
-        w = head.weight.detach().to(self.device) if head is not None else torch.empty(shape, dtype=view.head.weight.dtype, device=self.device)
-        b = None
-        if view.head.bias is not None:
-            b = head.bias.detach().to(self.device) if head is not None else torch.empty(view.head.bias.shape, dtype=view.head.bias.dtype, device=self.device)
-        for t in (w, b):
-            if t is not None:
-                dist.broadcast(t, 0)
         body = _TeacherBody(view)
         self._shard(body, model)
         body.to_empty(device=self.device)
@@ -309,7 +300,9 @@ class FSDPBackend(_Distributed):
             dist.broadcast(bf, 0)
         body.eval()
         _route_through(view, body)
-        return view, _linear_like(w, b, self.device)
+        head = view.head  # sharded with the root: gathered once into the replica (a collective)
+        return view, _linear_like(head.weight.full_tensor(), None if head.bias is None else head.bias.full_tensor(),
+                                  self.device)
 
 
 # -- DeepSpeed ------------------------------------------------------------------------------------------------

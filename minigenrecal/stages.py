@@ -153,10 +153,6 @@ def make_collate(student: VLMView, teacher: VLMView | None):
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-def _to(batch: dict | None, device):
-    return None if batch is None else {k: v.to(device) for k, v in batch.items()}
-
-
 def train_stage(stage: int, student: VLMView, data: PairData, cfg: StageConfig, teacher: VLMView | None = None,
                 recal: Recalibrator | None = None, teacher_head: nn.Linear | None = None,
                 teacher_fn: Callable[[dict | None, torch.Tensor], TeacherOut] | None = None,

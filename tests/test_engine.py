@@ -84,12 +84,12 @@ def test_trainable_parameters_are_fp32_master_weights_when_loaded_in_bf16():
 def test_grad_accum_comes_from_the_stage_and_a_disagreeing_launch_config_is_refused(monkeypatch):
     fake = types.SimpleNamespace(gradient_accumulation_steps=1, _micro=3)
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
-    _Distributed.set_grad_accum(fake, 8, 4)
+    _Distributed.set_grad_accum(fake, 8)
     assert fake.gradient_accumulation_steps == 8 and fake._micro == 0
     with pytest.raises(ValueError, match=r"fixes gradient_accumulation_steps at 8, but this stage asks for 16"):
-        _Distributed.set_grad_accum(fake, 16, 4)
+        _Distributed.set_grad_accum(fake, 16)
     monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    _Distributed.set_grad_accum(fake, 16, 4)
+    _Distributed.set_grad_accum(fake, 16)
     assert fake.gradient_accumulation_steps == 16
     # the shipped ZeRO-3 config leaves accumulation to the stages
     import yaml
