@@ -65,9 +65,12 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
     if chunk_size is not None and chunk_size < h.shape[0]:
         from .chunked import chunked_head_losses
         return chunked_head_losses(h, z_t, labels, head.weight, head.bias, tau, chunk_size)
-    logits = head(h).float()  # (N, V_l)
+    # Both matmuls run in the frozen head's dtype, as in the chunked path: under FSDP2's or DeepSpeed's bf16 compute
+    # the Recalibrator's rows arrive in bf16 while a replicated head may be held in the teacher's own dtype.
+    w_dtype = head.weight.dtype
+    logits = head(h.to(w_dtype)).float()  # (N, V_l)
     with torch.no_grad():
-        t_logits = head(z_t.to(h.dtype)).float()  # (N, V_l)
+        t_logits = head(z_t.to(w_dtype)).float()  # (N, V_l)
     return F.cross_entropy(logits, labels), kl_from_logits(logits, t_logits, tau)
 
 

@@ -48,6 +48,20 @@ def test_chunked_equals_unchunked(chunk, tau, bias):
     assert kl0 > 0.1 and ce0 > 1.0  # a non-trivial case
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_rows_in_another_dtype_than_the_head(chunk):
+    """bf16 rows (FSDP2's / DeepSpeed's bf16 compute) read by an fp32 head: the matmul runs in the head's dtype, the
+    gradient comes back in the rows' dtype, and the values equal the fp32 computation on the same bf16 rows."""
+    head, h, z_t, labels = _case(seed=2)
+    h16 = h.detach().to(torch.bfloat16).requires_grad_(True)
+    ce, kl = head_losses(h16, z_t.to(torch.bfloat16), labels, head, 1.5, chunk)
+    (ce + kl).backward()
+    ce0, kl0, g0 = _loss_and_grad(h16.detach().float(), z_t.to(torch.bfloat16).float(), labels, head, 1.5, None)
+    assert h16.grad.dtype == torch.bfloat16
+    assert abs(ce.item() - ce0.item()) / ce0.item() <= 1e-5 and abs(kl.item() - kl0.item()) / kl0.item() <= 1e-5
+    assert _rel(h16.grad.float(), g0) <= 1e-2  # the gradient rounded once to bf16
+
+
 def test_each_output_grad_separately():
     """CE alone and KL alone give the right gradient (backward gets one output's grad as zero)."""
     head, h, z_t, labels = _case(N=20, seed=1)
