@@ -124,8 +124,12 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     from minigenrecal.manifest import FIELDS
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(FIELDS) <= manifest.keys() and saved["manifest"] == manifest and manifest["seed"] == [0, 1]
+    n_blocks = 2 * len(T.blocks(plan))
+    assert res["blocks"] == {"total": n_blocks, "read_back": 0} and f"training {n_blocks} of its {n_blocks}" in text
     again = T.transfer(plan, tmp_path, jobs=1)  # every seed file exists: read back, nothing retrained
     assert again["rows"] == res["rows"] and again["runtime_seconds"] < 5
+    assert again["blocks"] == {"total": n_blocks, "read_back": n_blocks}
+    assert f"training 0 of its {n_blocks} seed-blocks;" in (tmp_path / "README.md").read_text()
 
 
 def test_a_student_built_twice_has_one_vocabulary():
@@ -162,6 +166,10 @@ def test_committed_study_matches_its_reports():
     assert T.analyse(res) == res["analysis"]  # every figure is recomputed from the per-item rows
     assert "\n".join(T.report_lines(res)) in (out / "README.md").read_text()
     readme = (ROOT / "README.md").read_text()
+    # the budget: the committed study is one invocation from an empty folder, within 90 minutes on 2 cores
+    assert res["jobs"] == 2 and res["runtime_seconds"] <= 90 * 60
+    assert f"takes **{res['runtime_seconds'] / 60:.1f} min** on a 2-core CPU" in readme
+    assert f"its last invocation took {res['runtime_seconds'] / 60:.1f} min" in (out / "README.md").read_text()
     assert all(line in readme for line in T.headline_lines(res)), "README's transfer table differs from the study"
     assert all(line in readme for line in T.mechanism_lines(res)), "README's diagnosis table differs from the study"
     cells = json.loads((ROOT / "notebooks" / "06_evaluation_and_ablations.ipynb").read_text())["cells"]
