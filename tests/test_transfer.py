@@ -191,7 +191,7 @@ def test_knob_probes_never_read_the_test_split(tmp_path):
 
 
 def test_the_longer_budget_rerun_matches_its_reports():
-    """results/transfer_long (the headline at the budget where SFT fits its training set, chosen on val in
+    """results/transfer_long (both noisy regimes at the budget where SFT fits its training set, chosen on val in
     results/transfer/val_budget.json): its figures are recomputed from its rows, and the README quotes them."""
     from minigenrecal.study import transfer as T
     from minigenrecal.tiny import ROOT
@@ -208,3 +208,7 @@ def test_the_longer_budget_rerun_matches_its_reports():
     assert "\n".join(T.report_lines(res)) in (out / "README.md").read_text()
     readme = (ROOT / "README.md").read_text()
     assert all(line in readme for line in T.headline_lines(res))
+    # both noisy regimes, and at this budget SFT fits its own (noisy) training set on every seed
+    assert {r["regime"] for r in res["rows"]} == {"noise0.3", "noise0.5"}
+    assert all(r["train_acc_own_labels"] >= 0.99 for r in res["rows"] if r["method"] == "sft")
+    assert res["blocks"]["total"] == 12
