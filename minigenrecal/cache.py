@@ -618,11 +618,8 @@ def cmd_cache_teacher(a):
         print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
               f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
         print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
-    from .sharding import get_backend, reset
-    if get_backend().name != "accelerate":  # sharded teacher: its engines, then the process group
-        get_backend().close()
-        reset()
-    elif dist.is_initialized():
+    from .sharding import end_launch
+    if not end_launch() and dist.is_initialized():  # a sharded teacher's launch tears itself down; DDP's here
         dist.destroy_process_group()
 
 

@@ -52,10 +52,16 @@ def get_backend(name: str | None = None):
     return _BACKEND
 
 
-def reset() -> None:
-    """Forget this process's backend (after `close`)."""
+def end_launch() -> bool:
+    """The end of a launch: a sharded backend tears down (its engines, then the process group) and is forgotten;
+    returns whether it did. The accelerate backend stays: one process's Accelerator may serve more runs (notebooks,
+    tests)."""
     global _BACKEND
+    if _BACKEND is None or _BACKEND.name == "accelerate":
+        return False
+    _BACKEND.close()
     _BACKEND = None
+    return True
 
 
 # -- accelerate (one process, or DDP) ---------------------------------------------------------------------
@@ -113,9 +119,6 @@ class AccelerateBackend:
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.acc.unwrap_model(module).state_dict().items()}
-
-    def close(self) -> None:
-        """Nothing to tear down: the process's one Accelerator may serve more runs (notebooks, tests)."""
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         from .vlm import VLMView

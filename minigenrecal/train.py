@@ -153,7 +153,7 @@ def run(a) -> dict:
     from .manifest import run_manifest, write_manifest
     from .data import make_split, read_llava_json
     from .recalibrator import Recalibrator
-    from .sharding import get_backend, reset as sharding_reset
+    from .sharding import end_launch, get_backend
     from .stages import train_stage
 
     preset = get_preset(a.preset)
@@ -247,9 +247,7 @@ def run(a) -> dict:
         if acc.is_main_process:
             (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
     acc.wait_for_everyone()
-    if backend.name != "accelerate":  # a launch of its own: tear the sharded engines and process group down
-        backend.close()
-        sharding_reset()
+    end_launch()
     return log
 
 

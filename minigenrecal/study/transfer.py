@@ -269,6 +269,11 @@ def blocks(plan: Plan) -> list[str]:
     return out + (["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else [])
 
 
+def block_path(out: Path, seed: int, block: str) -> Path:
+    """Where one seed's block of rows is kept (read back, not retrained, when it exists)."""
+    return out / "seeds" / f"seed{seed}_{block}.json"
+
+
 def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
     """Every row of one seed, block by block (see `blocks`); returns the rows of the plan's blocks."""
     torch.set_num_threads(1)
@@ -280,7 +285,7 @@ def run_seed(plan: Plan, seed: int, out: Path, log=print) -> list[dict]:
         return ctxs[task]
 
     for block in blocks(plan):
-        path = out / "seeds" / f"seed{seed}_{block}.json"
+        path = block_path(out, seed, block)
         if path.exists():
             rows += json.loads(path.read_text())["rows"]
             continue
@@ -349,7 +354,7 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(plan, s, str(out)) for s in plan.seeds]
-    paths = [out / "seeds" / f"seed{s}_{b}.json" for s in plan.seeds for b in blocks(plan)]
+    paths = [block_path(out, s, b) for s in plan.seeds for b in blocks(plan)]
     read_back = sum(p.exists() for p in paths)  # so the runtime says what it covers (a study from empty, or a top-up)
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
