@@ -1,4 +1,4 @@
-"""What produced a result: config, package versions, git commit, seed, thread count, device.
+"""What produced a result: config, package versions, the lock's digest, git commit, seed, thread count, device.
 
 Every run (demo, train, reproduce) writes `manifest.json` beside its results, and its results file carries the same
 dict under "manifest". Thread count matters: CPU kernels split their reductions by thread, so the same seed on
@@ -7,6 +7,7 @@ dict under "manifest". Thread count matters: CPU kernels split their reductions 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("minigenrecal", "torch", "transformers", "accelerate", "tokenizers", "safetensors", "numpy", "pillow")
-FIELDS = ("config", "seed", "versions", "git", "threads", "device", "command", "created")
+FIELDS = ("config", "seed", "versions", "environment", "git", "threads", "device", "command", "created")
+LOCK = Path(__file__).resolve().parent.parent / "requirements.lock"  # the tested environment (README, "Environment")
 
 
 def _version(name: str) -> str | None:
@@ -43,6 +45,23 @@ def git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
+def lock_state(lock: Path = LOCK) -> dict:
+    """The lock this run's environment is meant to be: its sha256, and the installed packages that differ from it
+    (name: [locked, installed]; an empty dict means the run used exactly the locked versions)."""
+    if not lock.exists():
+        return {"lock": None, "lock_sha256": None, "differs_from_lock": None}
+    differs = {}
+    for line in lock.read_text().splitlines():
+        if "==" not in line or line.lstrip().startswith("#"):
+            continue
+        name, want = (x.strip() for x in line.split("==", 1))
+        have = _version(name)
+        if have != want:
+            differs[name] = [want, have]
+    return {"lock": lock.name, "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
+            "differs_from_lock": differs}
+
+
 def device_info() -> dict:
     if torch.cuda.is_available():
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
@@ -57,6 +76,7 @@ def run_manifest(config: dict, seed) -> dict:
         "config": json.loads(json.dumps(config, default=str)),
         "seed": seed,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "environment": lock_state(),
         "git": git_state(),
         "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
                     **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}},

@@ -309,6 +309,37 @@ class FSDPBackend(_Distributed):
 
 
 # -- DeepSpeed ------------------------------------------------------------------------------------------------
+def import_modeling_modules(config) -> list[str]:
+    """Import the transformers modeling module of `config` and of every sub-config (text, vision, LLM) BEFORE the
+    teacher is built under `deepspeed.zero.Init`; returns the module names.
+
+    Why: from transformers 5.25 (with the `kernels` package) attention classes are decorated by
+    `use_kernelized_func`, whose new `__init__` gives each instance `_kernel_funcs` and whose new `forward` reads it.
+    `zero.Init` patches `nn.Module.__init_subclass__`, so a class first *created* inside it has its `__init__`
+    recorded before the decorator runs, and at exit that undecorated `__init__` is put back while the decorated
+    `forward` stays. Every instance built afterwards then fails with "'LlamaAttention' object has no attribute
+    '_kernel_funcs'". Classes that already exist when `zero.Init` starts are recorded with their decorated
+    `__init__` and restored intact, so importing the modules first is the whole fix. The hub kernels themselves stay
+    off: nothing here calls `kernelize` or passes `use_kernels`, so no kernel code is downloaded."""
+    import importlib
+    import importlib.util
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    names, todo, seen = [], [config], set()
+    while todo:
+        c = todo.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+        kind = getattr(c, "model_type", "") or ""
+        mod = f"transformers.models.{model_type_to_module_name(kind)}.modeling_{model_type_to_module_name(kind)}"
+        if kind and importlib.util.find_spec(mod.rsplit(".", 1)[0]) and importlib.util.find_spec(mod):
+            importlib.import_module(mod)
+            names.append(mod)
+    return sorted(set(names))
+
+
 class DeepSpeedBackend(_Distributed):
     """DeepSpeed: one training engine for the student module (the launch's ZeRO stage, from accelerate's
     environment), and one ZeRO-3 inference engine for the teacher, which is loaded while its config is alive
@@ -369,6 +400,7 @@ class DeepSpeedBackend(_Distributed):
         from transformers.integrations import HfDeepSpeedConfig
         from .vlm import VLMView
         cfg = self.config(3, train=False)
+        self.teacher_modeling_modules = import_modeling_modules(load.config())  # before zero.Init: see its docstring
         alive = HfDeepSpeedConfig(cfg)  # must exist before from_pretrained: transformers then uses zero.Init
         model, proc = load(False)
         self.teacher_loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())

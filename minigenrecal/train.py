@@ -73,6 +73,15 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
         with ctx:
             model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, preset.dtype))
         return model.eval(), load_processor(preset.teacher, config.model_type)
+
+    def config():
+        """The teacher's config, without reading its weights (a meta-device build; remote code: its config.json)."""
+        if preset.remote_code and not tiny_random:
+            from transformers import AutoConfig
+            return AutoConfig.from_pretrained(preset.teacher, trust_remote_code=True)
+        return load(True)[0].config
+
+    load.config = config
     return load
 
 

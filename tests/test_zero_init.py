@@ -1,0 +1,59 @@
+"""The ZeRO-3 teacher is built under `deepspeed.zero.Init`; a transformers modeling module first imported inside it
+loses the `__init__` of kernels' `use_kernelized_func` decorator and keeps its `forward`, so the next instance built
+outside fails with "'LlamaAttention' object has no attribute '_kernel_funcs'" (transformers >= 5.25 with `kernels`).
+`sharding.import_modeling_modules` imports every modeling module of the configs first (docs/scaling.md)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = r'''
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  DS_ACCELERATOR="cpu")
+import torch, deepspeed, torch._dynamo, transformers.modeling_utils
+from transformers import LlamaConfig
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2)
+if sys.argv[1] == "first":
+    from minigenrecal.sharding import import_modeling_modules
+    print("imported", import_modeling_modules(cfg))
+with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+    from transformers import LlamaForCausalLM  # the modeling module's first import, when not done before
+    inside = LlamaForCausalLM(cfg)
+outside = LlamaForCausalLM(cfg)
+print("logits", tuple(outside(torch.tensor([[1, 2, 3]])).logits.shape))
+'''
+
+
+def probe(mode: str, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-c", PROBE, mode, str(port)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def kernelized() -> bool:
+    """Does this transformers decorate its attention classes with kernels' `use_kernelized_func` (5.25 on)?"""
+    import importlib.util
+    from transformers.models.llama import modeling_llama
+    return importlib.util.find_spec("kernels") is not None and "use_kernelized_func" in open(modeling_llama.__file__).read()
+
+
+def test_importing_modeling_modules_before_zero_init_keeps_later_instances_working():
+    r = probe("first", 29561)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "imported ['transformers.models.llama.modeling_llama']" in r.stdout
+    assert "logits (1, 3, 64)" in r.stdout
+
+
+def test_the_cause_a_modeling_module_first_imported_inside_zero_init_breaks_later_instances():
+    if not kernelized():
+        pytest.skip("this transformers has no kernelized attention: the failure cannot occur")
+    r = probe("inside", 29562)
+    assert r.returncode != 0 and "no attribute '_kernel_funcs'" in r.stderr, (r.returncode, r.stderr[-2000:])
