@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minigenrecal.cache import TeacherCache, build_cache  # noqa: E402
-from minigenrecal.data import make_split  # noqa: E402
+from minigenrecal.scale.cache import TeacherCache, build_cache  # noqa: E402
+from minigenrecal.data.synthetic import make_split  # noqa: E402
 from minigenrecal.recalibrator import Recalibrator  # noqa: E402
-from minigenrecal.stages import PairData, StageConfig, train_stage  # noqa: E402
-from minigenrecal.tiny import build_student, build_teacher, build_tiny_vlm  # noqa: E402
-from minigenrecal.vlm import VLMView  # noqa: E402
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig  # noqa: E402
+from minigenrecal.models.tiny import build_student, build_teacher  # noqa: E402
+from minigenrecal.models.families import build_tiny_vlm
+from minigenrecal.models.vlm import VLMView  # noqa: E402
 
 
 def pair(kind):

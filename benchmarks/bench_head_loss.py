@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minigenrecal.bench import _cpu_peak, _cpu_peak_reset  # noqa: E402
+from minigenrecal.scale.bench import _cpu_peak, _cpu_peak_reset  # noqa: E402
 from minigenrecal.losses import head_losses  # noqa: E402
 
 SIZES = {"cuda": dict(V=152064, d=8192, N=8192, dtype="bfloat16"),

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minigenrecal.checkpoint import Checkpointer, complete_checkpoints  # noqa: E402
-from minigenrecal.config import get_preset  # noqa: E402
-from minigenrecal.data import make_split  # noqa: E402
-from minigenrecal.pipeline import encode_pairs, load_pair  # noqa: E402
+from minigenrecal.scale.checkpoint import Checkpointer, complete_checkpoints  # noqa: E402
+from minigenrecal.models.presets import get_preset  # noqa: E402
+from minigenrecal.data.synthetic import make_split  # noqa: E402
+from minigenrecal.data.pairs import encode_pairs
+from minigenrecal.study.pipeline import load_pair  # noqa: E402
 from minigenrecal.recalibrator import Recalibrator  # noqa: E402
-from minigenrecal.stages import train_stage  # noqa: E402
+from minigenrecal.loop import train_stage  # noqa: E402
 
 
 class Timed(Checkpointer):

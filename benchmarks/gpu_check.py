@@ -16,7 +16,7 @@ Steps:
              in the dry run the cases run directly on CPU (pytest would skip them all there)
   head_loss  benchmarks/bench_head_loss.py: the teacher-head CE + KL, naive and chunks 512/1024/2048 at V_l=152,064,
              d_l=8192, N=8192, bf16: time and peak extra memory; goal <= 4% of the naive peak in <= the naive time
-  bench      `minigenrecal.bench` stages 1 and 2 of smolvlm-256m<-qwen2-vl-2b at random weights: tokens/s, peak
+  bench      `minigenrecal.scale.bench` stages 1 and 2 of smolvlm-256m<-qwen2-vl-2b at random weights: tokens/s, peak
              memory, MFU against 989 TFLOP/s
   fit        the largest preset pair that trains on this GPU from a teacher cache: presets in decreasing order of
              their memory estimate (batch 1 x 1024 tokens, chunk 512), each stage 1 then 2 until one runs both;
@@ -196,8 +196,8 @@ def step_head_loss(o: dict, path: Path) -> str:
 def _bench_rows(o: dict, path: Path, preset: str, use_cache: bool, batch: int, steps: int, stages) -> str:
     import torch
 
-    from minigenrecal.bench import WillNotFit, bench
-    from minigenrecal.config import get_preset
+    from minigenrecal.scale.bench import WillNotFit, bench
+    from minigenrecal.models.presets import get_preset
     s = o["sizes"]
     chunk = get_preset(preset).stage1.chunk_size
     doc = {"status": "running", "preset": preset, "cache": use_cache, "chunk": chunk, "peak_tflops": 989.0,
@@ -283,8 +283,8 @@ def run_step(name: str, o: dict, path: Path, timeout: float, ctx) -> dict:
 
 def fit_candidates(o: dict) -> list[tuple[str, dict]]:
     """(preset, {stage: estimate GiB}) in decreasing order of the stage-2 estimate."""
-    from minigenrecal.bench import estimate_memory
-    from minigenrecal.config import get_preset
+    from minigenrecal.scale.bench import estimate_memory
+    from minigenrecal.models.presets import get_preset
     s = o["sizes"]
     out = []
     for name in FIT_CANDIDATES:
@@ -393,9 +393,9 @@ def main(argv=None) -> int:
     ctx = mp.get_context(a.start_method if a.start_method != "auto" else "fork" if a.dry_run else "spawn")
     if ctx.get_start_method() == "fork":  # children are forked from here: import what they all need once
         import torch  # noqa: F401
-        import minigenrecal.bench  # noqa: F401
+        import minigenrecal.scale.bench  # noqa: F401
         import minigenrecal.stages  # noqa: F401
-        import minigenrecal.tiny  # noqa: F401
+        import minigenrecal.models.tiny  # noqa: F401
     o = {"dry_run": a.dry_run, "sizes": DRY if a.dry_run else GPU, "tests_runner": a.tests_runner,
          "timeouts": timeouts}
     wanted = ["env"] + [s for s in ("tests", "head_loss", "bench", "fit") if a.only is None or s in a.only.split(",")]

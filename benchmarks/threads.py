@@ -17,12 +17,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minigenrecal.config import get_preset  # noqa: E402
-from minigenrecal.data import make_split  # noqa: E402
-from minigenrecal.evaluate import exact_match  # noqa: E402
-from minigenrecal.stages import PairData, train_stage  # noqa: E402
-from minigenrecal.tiny import build_student  # noqa: E402
-from minigenrecal.vlm import VLMView  # noqa: E402
+from minigenrecal.models.presets import get_preset  # noqa: E402
+from minigenrecal.data.synthetic import make_split  # noqa: E402
+from minigenrecal.evaluation.exact_match import exact_match  # noqa: E402
+from minigenrecal.loop import PairData, train_stage  # noqa: E402
+from minigenrecal.models.tiny import build_student  # noqa: E402
+from minigenrecal.models.vlm import VLMView  # noqa: E402
 
 
 def main():

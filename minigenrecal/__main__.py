@@ -1,3 +1,3 @@
-from .cli import main
+from minigenrecal.cli import main
 
 main()

@@ -12,26 +12,7 @@ Gradients (rows r, logits s = h W^T + b, teacher logits t = z_t W^T + b, p = sof
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-
-
-@contextlib.contextmanager
-def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
-    """A sharded head, read outside its module's forward, gathered whole for the call: yields (weight, bias).
-
-    The training run never needs this: it keeps a replicated copy of the head (engine.py says why). It is here
-    so that a head still inside a sharded teacher gives the same losses: a ZeRO-3 partitioned parameter is
-    gathered in place, an FSDP2 DTensor shard with `full_tensor()` (both are collectives: every rank calls).
-    """
-    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed
-        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None], modifier_rank=None):
-            yield weight, bias
-        return
-    full = lambda t: t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t  # noqa: E731
-    yield full(weight), full(bias)
 
 
 class _ChunkedHeadLosses(torch.autograd.Function):
@@ -95,6 +76,6 @@ def chunked_head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if h.shape != z_t.shape or h.shape[0] != labels.shape[0]:
         raise ValueError(f"shape mismatch: h {tuple(h.shape)}, z_t {tuple(z_t.shape)}, labels {tuple(labels.shape)}")
-    with _gathered(weight, bias) as (weight, bias), torch.autocast(h.device.type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):  # a head still inside a sharded teacher: scale.backends.gathered
         return _ChunkedHeadLosses.apply(h, z_t.detach(), labels, weight.detach(),
                                         None if bias is None else bias.detach(), float(tau), int(chunk_size))

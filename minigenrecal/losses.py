@@ -1,4 +1,4 @@
-"""GenRecal's losses and the next-token boundary (METHOD.md, decision 4).
+"""GenRecal's losses and the next-token boundary (docs/method.md, decision 4).
 
 Teacher sequence: question at 0..Lq_l-1, answer a_0..a_{La-1} at Lq_l..Lq_l+La-1.
   teacher targets   = teacher logits at Lq_l-1 .. Lq_l+La-2 (they predict a_0..a_{La-1}); labels = a_0..a_{La-1}
@@ -63,7 +63,7 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
     """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and
     the teacher's own logits head(z_t). With `chunk_size`, (N x V_l) logits never exist at full size."""
     if chunk_size is not None and chunk_size < h.shape[0]:
-        from .chunked import chunked_head_losses
+        from minigenrecal.chunked import chunked_head_losses
         return chunked_head_losses(h, z_t, labels, head.weight, head.bias, tau, chunk_size)
     # Both matmuls run in the frozen head's dtype, as in the chunked path: under FSDP2's or DeepSpeed's bf16 compute
     # the Recalibrator's rows arrive in bf16 while a replicated head may be held in the teacher's own dtype.

@@ -14,8 +14,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(teacher view, student view factory): a random-init tiny teacher (same classes as the shipped one) and student."""
-    from minigenrecal.tiny import build_student, build_teacher
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.tiny import build_student, build_teacher
+    from minigenrecal.models.vlm import VLMView
     t_model, t_proc = build_teacher(seed=1)
     t_model.requires_grad_(False)
 
@@ -27,5 +27,5 @@ def tiny_pair():
 
 @pytest.fixture(scope="session")
 def samples():
-    from minigenrecal.data import make_split
+    from minigenrecal.data.synthetic import make_split
     return make_split(0, "train", 8)

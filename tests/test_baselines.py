@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal import baselines as B
-from minigenrecal.stages import PairData, StageConfig, teacher_forward
+from minigenrecal.study import baselines as B
+from minigenrecal.loop import PairData
+from minigenrecal.stages import StageConfig, teacher_forward
 
 
 def test_align_by_index_pairs_first_min_positions():
@@ -71,7 +72,7 @@ def test_same_tokenizer_kd_loss_reference():
 def test_gradients_reach_student_never_teacher(method, tiny_pair, samples):
     teacher, make_student = tiny_pair
     if method == "same_tokenizer_kd":
-        from minigenrecal.vlm import VLMView
+        from minigenrecal.models.vlm import VLMView
         m, p = B.build_same_tokenizer_student(0)
         student = VLMView(m, p, name="student")
     else:

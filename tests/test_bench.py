@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minigenrecal.bench import DIMS, bench, build_lm
+from minigenrecal.scale.bench import DIMS, bench, build_lm
 from minigenrecal.recalibrator import count_parameters
 
 torch.set_num_threads(1)
@@ -32,14 +32,14 @@ def test_bench_cpu_scaled():
 
 
 def test_bench_refuses_before_building_when_the_estimate_does_not_fit(monkeypatch):
-    import minigenrecal.bench as b
+    import minigenrecal.scale.bench as b
     monkeypatch.setattr(b, "build_lm", lambda *a, **k: pytest.fail("built a model despite the estimate"))
     with pytest.raises(b.WillNotFit, match="qwen2-vl-7b<-qwen2-vl-72b.*needs about"):
         bench("qwen2-vl-7b<-qwen2-vl-72b", batch=1, lq=768, la=256, chunk=512, capacity_gib=80.0)  # 72B body: ~150 GiB
 
 
 def test_memory_estimate_parts():
-    from minigenrecal.bench import estimate_memory
+    from minigenrecal.scale.bench import estimate_memory
     live = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=1, lq=768, la=256, chunk=512)
     cached = estimate_memory("qwen2-vl-7b<-qwen2-vl-72b", 2, batch=1, lq=768, la=256, chunk=512, use_cache=True)
     assert 130 < live["teacher body"] < 140 and cached["teacher body"] == 0  # 72.7B parameters less the head, bf16
@@ -54,7 +54,7 @@ def test_memory_estimate_parts():
 def test_docs_memory_table_is_the_one_bench_prints():
     """docs/scaling.md's training memory table is `bench --memory-table`'s output, and its arithmetic adds up."""
     from pathlib import Path
-    from minigenrecal.bench import estimate_memory, training_memory_table
+    from minigenrecal.scale.bench import estimate_memory, training_memory_table
     lines = training_memory_table()
     docs = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
     assert "\n".join(lines) in docs
@@ -72,7 +72,7 @@ def test_docs_memory_table_is_the_one_bench_prints():
 
 def test_bench_names_a_checkpoint_it_has_no_dimensions_for():
     import pytest
-    from minigenrecal.bench import DIMS, dims_of
+    from minigenrecal.scale.bench import DIMS, dims_of
     assert dims_of(next(iter(DIMS))) is DIMS[next(iter(DIMS))]
     with pytest.raises(ValueError, match=r"no dimensions for 'someone/new-vlm'.*add its TextDims"):
         dims_of("someone/new-vlm")

@@ -4,12 +4,13 @@ import copy
 import pytest
 import torch
 
-from minigenrecal.cache import TeacherCache, build_cache
-from minigenrecal.data import make_split
+from minigenrecal.scale.cache import TeacherCache, build_cache
+from minigenrecal.data.synthetic import make_split
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.stages import PairData, StageConfig, stage_loss, teacher_forward, train_stage
-from minigenrecal.tiny import build_student, build_teacher
-from minigenrecal.vlm import VLMView
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig, stage_loss, teacher_forward
+from minigenrecal.models.tiny import build_student, build_teacher
+from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 N = 10

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigenrecal import cache as C
-from minigenrecal.cache import TeacherCache, build_cache, parse_bytes, sample_bytes, size_arithmetic
-from minigenrecal.data import make_split, write_llava_json
+from minigenrecal.scale import cache as C
+from minigenrecal.scale.cache import TeacherCache, build_cache, parse_bytes, sample_bytes, size_arithmetic
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.data.llava import write_llava_json
 from minigenrecal.stages import teacher_forward
-from minigenrecal.tiny import load_teacher
-from minigenrecal.vlm import VLMView
+from minigenrecal.models.tiny import load_teacher
+from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +182,7 @@ def test_cache_teacher_data_skips_and_records_bad_samples(data_file, one_process
 
 
 def test_cache_teacher_strict_fails_on_the_first_bad_sample(data_file, tmp_path):
-    from minigenrecal.data import SampleError
+    from minigenrecal.data.llava import SampleError
     with pytest.raises(SampleError, match="sample no-image: image file .* not found"):
         _run_cli([*_args(data_file, tmp_path / "cache"), "--strict"])
 
@@ -234,7 +235,7 @@ def test_size_estimate_within_10_percent(tmp_path):
 
 def test_docs_size_table_is_the_arithmetic():
     """docs/cache.md's table for 1M samples: one row per preset, each number recomputed."""
-    from minigenrecal.config import PRESETS
+    from minigenrecal.models.presets import PRESETS
     text = (ROOT / "docs" / "cache.md").read_text()
     rows = re.findall(r"^\| `([^`]+)` \| ([\d,]+) \| ([\d.,]+) \| ([\d.,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| "
                       r"([\d,]+) \|", text, re.M)

@@ -3,13 +3,14 @@ import json
 import subprocess
 import sys
 
-from minigenrecal.data import make_split
-from minigenrecal.evaluate import exact_match, normalize
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.evaluation.exact_match import exact_match
+from minigenrecal.data.synthetic import normalize
 
 
 def test_evaluate_prints_one_json_line(tmp_path):
-    from minigenrecal.tiny import load_teacher
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.tiny import load_teacher
+    from minigenrecal.models.vlm import VLMView
     model, proc = load_teacher()  # the shipped teacher: a real, non-trivial accuracy to reproduce
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
@@ -48,7 +49,7 @@ def test_every_option_of_every_subcommand_has_help():
 
 def test_preset_option_lists_and_checks_the_preset_names(capsys):
     import pytest
-    from minigenrecal.config import PRESETS
+    from minigenrecal.models.presets import PRESETS
     _, subs = _subcommands()
     with_preset = {name: sp for name, sp in subs.items() if "--preset" in sp._option_string_actions}
     assert {"demo", "train", "cache-teacher", "bench"} <= set(with_preset)

@@ -2,7 +2,8 @@
 import collections
 from pathlib import Path
 
-from minigenrecal.data import NUMBERS, make_split, read_llava_json, write_llava_json
+from minigenrecal.data.synthetic import NUMBERS, make_split
+from minigenrecal.data.llava import read_llava_json, write_llava_json
 
 ROOT = Path(__file__).resolve().parent.parent
 

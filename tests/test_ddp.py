@@ -41,7 +41,7 @@ def test_two_process_ddp_cpu(tmp_path):
                                        ("zero3", "DEEPSPEED")])
 def test_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
-    from minigenrecal.config import PRESETS
+    from minigenrecal.models.presets import PRESETS
     c = load_config_from_file(str(ROOT / "configs" / f"{name}.yaml"))
     assert c.distributed_type.value == kind and c.mixed_precision == "bf16"
     if kind == "DEEPSPEED":

@@ -4,7 +4,7 @@
   bit for bit;
 - trainable parameters are fp32 master weights when the weights load in bf16, and a 1e-5-scale update survives;
 - gradient accumulation comes from the stage config; a launch config that disagrees is refused with the reason;
-- `python -m minigenrecal.train` is the same command as `python -m minigenrecal train`.
+- `python -m minigenrecal.scale.launch` is the same command as `python -m minigenrecal train`.
 """
 import json
 import os
@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigenrecal.config import get_preset
-from minigenrecal.data import make_split
-from minigenrecal.engine import Engine, group_of
-from minigenrecal.pipeline import encode_pairs
-from minigenrecal.presets_tiny import build_tiny_pair
+from minigenrecal.models.presets import get_preset
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.loop import Engine, group_of
+from minigenrecal.data.pairs import encode_pairs
+from minigenrecal.models.tiny_pairs import build_tiny_pair
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.sharding import _Distributed
-from minigenrecal.stages import StageConfig, train_stage
+from minigenrecal.scale.backends import _Distributed
+from minigenrecal.stages import StageConfig
+from minigenrecal.loop import train_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -102,7 +103,7 @@ def test_python_m_minigenrecal_train_is_the_train_command(tmp_path):
     args = ["--preset", "tiny", "--tiny-random", "--stages", "1", "--steps", "1", "--n", "4", "--batch-size", "2",
             "--quiet", "--checkpoint-every", "0"]
     logs = []
-    for mod in (["minigenrecal.train"], ["minigenrecal", "train"]):
+    for mod in (["minigenrecal.scale.launch"], ["minigenrecal", "train"]):
         out = tmp_path / mod[-1]
         r = subprocess.run([sys.executable, "-m", *mod, *args, "--out", str(out)], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -170,7 +171,8 @@ def test_run_genrecal_takes_a_datasets_dataset_with_an_image_column(capsys):
     """`run_genrecal(teacher, student, ds, ...)` with a `datasets.Dataset` (PIL images in an Image column, LLaVA
     conversations): the same samples as the list it was made from; a row without an image is skipped and said so."""
     import datasets
-    from minigenrecal.pipeline import as_samples, run_genrecal
+    from minigenrecal.data.pairs import as_samples
+    from minigenrecal.study.pipeline import run_genrecal
     samples = make_split(0, "train", 5)
     rows = [{"id": s.id, "image": s.image,
              "conversations": [{"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]}

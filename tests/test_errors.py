@@ -4,8 +4,10 @@ import json
 import pytest
 from PIL import Image
 
-from minigenrecal.data import Sample, make_sample, read_llava_json
-from minigenrecal.vlm import SampleError, VLMView
+from minigenrecal.data.synthetic import Sample, make_sample
+from minigenrecal.data.llava import read_llava_json
+from minigenrecal.data.llava import SampleError
+from minigenrecal.models.vlm import VLMView
 
 
 def _ok():

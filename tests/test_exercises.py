@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal import exercises, grading, recalibrator, stages
-from minigenrecal.exercises import EXERCISES
+from minigenrecal.teach import exercises, grading
+from minigenrecal import recalibrator, stages
+from minigenrecal.teach.exercises import EXERCISES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,12 +11,13 @@ from functools import lru_cache
 import pytest
 import torch
 
-from minigenrecal.data import make_split
-from minigenrecal.families import FAMILIES, images_only, load_processor, markdown_table
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.models.families import FAMILIES, images_only, load_processor, markdown_table
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.stages import PairData, StageConfig, student_groups, train_stage
-from minigenrecal.tiny import ROOT, load_teacher
-from minigenrecal.vlm import VLMView
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig, student_groups
+from minigenrecal.models.tiny import ROOT, load_teacher
+from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 KEYS = list(FAMILIES)
@@ -226,7 +227,7 @@ def test_stages_1_to_3_one_step_each_at_batch_3(key):
 def test_simple_processor_renders_like_qwen2vls_own_processor():
     """tiny.py's Qwen2-VL stand-in and Qwen2VLProcessor (without its video processor) give the same inputs."""
     from transformers import Qwen2VLProcessor
-    from minigenrecal.tiny import build_tiny_vlm
+    from minigenrecal.models.families import build_tiny_vlm
     model, simple = build_tiny_vlm("qwen2vl")
     own = images_only(Qwen2VLProcessor)(image_processor=simple.image_processor, tokenizer=simple.tokenizer,
                                         chat_template=simple.chat_template)
@@ -245,8 +246,8 @@ def test_a_saved_model_loads_from_its_directory_as_preset_student(key, tmp_path)
     where the family's processor needs torchvision) and renders exactly as before."""
     import json
     from minigenrecal.cli import build_parser
-    from minigenrecal.config import get_preset
-    from minigenrecal.train import load_student_only
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.scale.launch import load_student_only
     view = view_of(key)
     view.model.save_pretrained(tmp_path)
     if hasattr(view.processor, "save_pretrained"):
@@ -272,7 +273,7 @@ def test_a_saved_model_loads_from_its_directory_as_preset_student(key, tmp_path)
 
 def test_teacher_and_student_options_override_the_preset_in_any_order():
     from minigenrecal.cli import build_parser
-    from minigenrecal.config import get_preset
+    from minigenrecal.models.presets import get_preset
     p = build_parser()
     for argv in (["demo", "--teacher", "org/big", "--preset", "smolvlm-256m<-qwen2-vl-2b", "--student", "dir/s"],
                  ["demo", "--preset", "smolvlm-256m<-qwen2-vl-2b", "--student", "dir/s", "--teacher", "org/big"]):
@@ -284,8 +285,8 @@ def test_teacher_and_student_options_override_the_preset_in_any_order():
 
 
 def test_tiny_random_builds_a_local_directorys_family(tmp_path):
-    from minigenrecal.config import get_preset
-    from minigenrecal.presets_tiny import build_tiny_pair, family_of
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.models.tiny_pairs import build_tiny_pair, family_of
     view_of("paligemma").model.config.save_pretrained(tmp_path)
     assert family_of(str(tmp_path), "student") == "paligemma"
     assert family_of("google/gemma-3-4b-it", "teacher") == "gemma3"
@@ -304,12 +305,12 @@ def test_load_processor_without_a_stand_in_raises_the_original_error(tmp_path):
 def test_readme_family_table_is_rendered_from_the_tested_families():
     table = markdown_table()
     assert [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")] == KEYS
-    assert table in (ROOT / "README.md").read_text(), "regenerate it: python -m minigenrecal.families --markdown"
+    assert table in (ROOT / "README.md").read_text(), "regenerate it: python -m minigenrecal.models.families --markdown"
 
 
 def test_demo_pair_takes_the_student_from_a_directory(tmp_path):
-    from minigenrecal.config import get_preset
-    from minigenrecal.pipeline import load_pair
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.study.pipeline import load_pair
     view = view_of("gemma3")
     view.model.save_pretrained(tmp_path)
     view.processor.save_pretrained(tmp_path)

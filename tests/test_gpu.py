@@ -23,8 +23,9 @@ class CaseSkipped(Exception):
 
 def tiny_pair(student_family: str):
     """(teacher view, student view): the tiny Llava teacher (random init) and a tiny student of `student_family`."""
-    from minigenrecal.tiny import build_student, build_teacher, build_tiny_vlm
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.tiny import build_student, build_teacher
+    from minigenrecal.models.families import build_tiny_vlm
+    from minigenrecal.models.vlm import VLMView
     try:
         sm, sp = build_student(0) if student_family == "idefics3" else build_tiny_vlm(student_family, seed=0, d=64)
     except ImportError as e:  # e.g. Idefics3ImageProcessorPil without torchvision on transformers 5.17
@@ -36,9 +37,10 @@ def tiny_pair(student_family: str):
 
 
 def check_stage_step(stage: int, student_family: str = "idefics3", device: str = "cuda"):
-    from minigenrecal.data import make_split
+    from minigenrecal.data.synthetic import make_split
     from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.stages import PairData, StageConfig, get_accelerator, train_stage
+    from minigenrecal.loop import PairData, get_accelerator, train_stage
+    from minigenrecal.stages import StageConfig
     teacher, student = tiny_pair(student_family)
     acc = get_accelerator()
     assert acc.device.type == device

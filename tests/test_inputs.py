@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minigenrecal.data import Sample, make_sample, read_llava_json, read_records, to_rgb, write_llava_json
-from minigenrecal.vlm import SampleError
+from minigenrecal.data.synthetic import Sample, make_sample
+from minigenrecal.data.llava import read_llava_json, read_records, to_rgb, write_llava_json
+from minigenrecal.data.llava import SampleError
 
 
 def _record(rid, image="x.png", turns=(("<image>\nWhat is it?", "a red circle"),)):
@@ -194,7 +195,7 @@ def test_reader_skips_and_records_bad_records_when_asked(tmp_path):
 
 # -- a run skips bad samples and records them ----------------------------------------------------------------
 def test_run_genrecal_skips_bad_samples_on_either_side_and_strict_fails(tiny_pair, capsys):
-    from minigenrecal.pipeline import run_genrecal
+    from minigenrecal.study.pipeline import run_genrecal
     from minigenrecal.stages import StageConfig
     teacher, make_student = tiny_pair
     good = [make_sample(0, "train", i) for i in range(3)]

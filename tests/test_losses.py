@@ -1,4 +1,4 @@
-"""The next-token boundary (METHOD.md decision 4) and every loss against a plain reference."""
+"""The next-token boundary (docs/method.md decision 4) and every loss against a plain reference."""
 import math
 
 import torch

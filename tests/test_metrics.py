@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minigenrecal import metrics as M
-from minigenrecal.data import make_split
+from minigenrecal.evaluation import metrics as M
+from minigenrecal.data.synthetic import make_split
 
 
 def test_candidate_sets_contain_gold_for_a_large_split():

@@ -74,7 +74,7 @@ def test_the_gpu_machines_versions_lie_inside_the_ranges():
 
 def test_the_manifest_records_the_locks_digest():
     import hashlib
-    from minigenrecal.manifest import lock_state
+    from minigenrecal.scale.manifest import lock_state
     st = lock_state()
     assert st["lock_sha256"] == hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()
     assert isinstance(st["differs_from_lock"], dict)

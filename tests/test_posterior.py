@@ -7,10 +7,9 @@ import random
 import pytest
 import torch
 
-from minigenrecal.data import (BLEND_WEIGHTS, COLORS, Sample, blend, make_posterior_split, make_split,
-                               question_posterior, sample_answer)
-from minigenrecal.metrics import (answer_distributions, candidates, posterior_metrics, posterior_scores, prior_dists,
-                                  true_posterior)
+from minigenrecal.data.synthetic import (BLEND_WEIGHTS, COLORS, Sample, blend, make_posterior_split, make_split, question_posterior, sample_answer)
+from minigenrecal.evaluation.metrics import (answer_distributions, posterior_metrics, posterior_scores, prior_dists, true_posterior)
+from minigenrecal.data.synthetic import candidates
 
 
 def test_posterior_split_is_deterministic_and_disjoint():
@@ -104,8 +103,8 @@ def test_posterior_metrics_of_a_model_match_its_candidate_distributions(tiny_pai
 def test_shipped_posterior_teacher_beats_the_prior_and_records_its_command():
     import json
 
-    from minigenrecal.tiny import TEACHER_POSTERIOR_DIR, load_teacher
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.tiny import TEACHER_POSTERIOR_DIR, load_teacher
+    from minigenrecal.models.vlm import VLMView
     info = json.loads((TEACHER_POSTERIOR_DIR / "training.json").read_text())
     assert info["task"] == "posterior" and "--task posterior" in info["command"] and info["n_train"] >= 20000
     teacher = VLMView(*load_teacher(TEACHER_POSTERIOR_DIR), name="teacher")

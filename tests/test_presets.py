@@ -6,14 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minigenrecal.config import PRESETS, get_preset
-from minigenrecal.data import make_split
-from minigenrecal.hub import InternVLChatAdapter, InternVLTileProcessor, is_remote_internvl
-from minigenrecal.presets_tiny import build_tiny_pair, family_of
+from minigenrecal.models.presets import PRESETS, get_preset
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.models.hub import InternVLChatAdapter, InternVLTileProcessor, is_remote_internvl
+from minigenrecal.models.tiny_pairs import build_tiny_pair, family_of
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.stages import PairData, StageConfig, student_groups, train_stage
-from minigenrecal.tiny import build_tiny_vlm
-from minigenrecal.vlm import VLMView
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig, student_groups
+from minigenrecal.models.families import build_tiny_vlm
+from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 EXPECTED = {"tiny": ("llava", "idefics3"), "smolvlm-256m<-qwen2-vl-2b": ("qwen2vl", "idefics3"),

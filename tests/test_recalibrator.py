@@ -125,7 +125,8 @@ def test_no_embedding_or_head_of_its_own():
 # -- every block dimension from the student's text config, per family ------------------------------------------------
 def test_the_tiny_students_recalibrator_is_unchanged():
     """The committed tiny numbers rest on it: same parameter names, count and seed-0 initial weights."""
-    from minigenrecal.tiny import build_student, weights_digest
+    from minigenrecal.models.tiny import build_student
+    from minigenrecal.study.teacher import weights_digest
     cfg = build_student(0)[0].config.get_text_config()
     torch.manual_seed(0)
     recal = Recalibrator(192, cfg)
@@ -181,7 +182,7 @@ def _copy_into_reference(recal, ref, norm_offset: float):
 
 
 def _standard_configs():
-    from minigenrecal.families import FAMILIES
+    from minigenrecal.models.families import FAMILIES
     biased = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                          attention_bias=True, mlp_bias=True, hidden_act="gelu", rope_theta=500.0)
     cases = [pytest.param(biased, id="llama-biases-gelu")]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minigenrecal import reproduce as R
+from minigenrecal.study import reproduce as R
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_json_schema(quick_run):
     out, res, _ = quick_run
-    from minigenrecal.manifest import FIELDS
+    from minigenrecal.scale.manifest import FIELDS
     assert set(FIELDS) <= res["manifest"].keys() and json.loads((out / "manifest.json").read_text()) == res["manifest"]
     assert set(res) >= {"rows", "budgets", "runtime_seconds", "quick"}
     assert res["quick"] is True and res["complete"] is True

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigenrecal.checkpoint import FAULT_ENV, complete_checkpoints
-from minigenrecal.manifest import FIELDS
+from minigenrecal.scale.checkpoint import FAULT_ENV, complete_checkpoints
+from minigenrecal.scale.manifest import FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Qwen2-VL classes at tiny size on both sides: byte-level BPE tokenizers, identical in every process
@@ -95,7 +95,7 @@ def test_every_train_output_carries_the_manifest(reference):
 # -- the NaN/inf guard (in-process) ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair_data(tiny_pair, samples):
-    from minigenrecal.stages import PairData
+    from minigenrecal.loop import PairData
     teacher, make_student = tiny_pair
     student = make_student(seed=3)
     return teacher, student, PairData([student.encode(s) for s in samples], [teacher.encode(s) for s in samples])
@@ -117,7 +117,8 @@ def _poisoned(teacher, bad_calls):
 
 def test_a_non_finite_loss_skips_the_step(pair_data):
     from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.stages import StageConfig, train_stage
+    from minigenrecal.stages import StageConfig
+    from minigenrecal.loop import train_stage
     teacher, student, data = pair_data
     torch.manual_seed(0)
     recal = Recalibrator(teacher.d, student.text_config)
@@ -138,7 +139,8 @@ def test_a_non_finite_loss_skips_the_step(pair_data):
 
 
 def test_a_non_finite_gradient_skips_the_step(pair_data):
-    from minigenrecal.stages import StageConfig, train_stage
+    from minigenrecal.stages import StageConfig
+    from minigenrecal.loop import train_stage
     _, student, data = pair_data
     student = copy.deepcopy(student)
     step = {"n": 0}
@@ -158,7 +160,8 @@ def test_a_non_finite_gradient_skips_the_step(pair_data):
 
 def test_k_non_finite_steps_in_a_row_stop_the_run_naming_the_samples(pair_data):
     from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.stages import NonFiniteError, StageConfig, train_stage
+    from minigenrecal.stages import NonFiniteError, StageConfig
+    from minigenrecal.loop import train_stage
     teacher, student, data = pair_data
     recal = Recalibrator(teacher.d, student.text_config)
     fn, calls = _poisoned(teacher, {1, 3, 4, 5, 6, 7})
@@ -174,8 +177,8 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_naming_the_samples(pair_data):
 # -- the demo (in-process): a failure mid-stage, then --resume; and its manifest ------------------------------
 def test_demo_resumes_mid_stage_and_writes_its_manifest(tmp_path, monkeypatch):
     from dataclasses import replace
-    from minigenrecal.config import get_preset
-    from minigenrecal.pipeline import demo
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.study.pipeline import demo
     tiny = get_preset("tiny")
     preset = replace(tiny, n_train=12, **{f"stage{s}": replace(getattr(tiny, f"stage{s}"), steps=3, batch_size=4)
                                           for s in (1, 2, 3)})

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped_teacher():
-    from minigenrecal.tiny import load_teacher
+    from minigenrecal.models.tiny import load_teacher
     return load_teacher()[0]
 
 
@@ -131,7 +131,8 @@ def test_sharded_launch_reads_its_share_of_a_jsonl_lazily(tmp_path, mode):
     to process r % 2) and renders images as batches are drawn; the bad record one process meets is skipped, and
     the report gathers every process's skips."""
     import json
-    from minigenrecal.data import make_split, write_llava_json
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.data.llava import write_llava_json
     path = write_llava_json(make_split(0, "train", 9), tmp_path)
     records = json.loads(path.read_text())
     records[3]["image"] = "missing.png"  # process 1's second record

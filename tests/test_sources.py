@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from minigenrecal.data import SampleError, make_split, read_llava_json, write_llava_json
-from minigenrecal.pipeline import encode_pairs
-from minigenrecal.sources import LazyPairData, LazySamples, SkipLog, StreamPairData, iter_samples, open_source
-from minigenrecal.stages import StageConfig, make_collate, train_stage
-from minigenrecal.tiny import build_student, build_teacher
-from minigenrecal.vlm import VLMView
+from minigenrecal.data.llava import SampleError, read_llava_json, write_llava_json
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.data.pairs import encode_pairs
+from minigenrecal.data.sources import LazyPairData, LazySamples, SkipLog, StreamPairData, iter_samples, open_source
+from minigenrecal.stages import StageConfig
+from minigenrecal.loop import make_collate, train_stage
+from minigenrecal.models.tiny import build_student, build_teacher
+from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 datasets.disable_progress_bars()

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from minigenrecal.losses import TeacherOut, recal_path
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.stages import (PairData, StageConfig, set_trainable, stage_loss, student_groups, teacher_forward,
-                                 train_stage)
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig, set_trainable, stage_loss, student_groups, teacher_forward
 
 TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
 

@@ -4,9 +4,10 @@ import hashlib
 import pytest
 import torch
 
-from minigenrecal.data import make_split
+from minigenrecal.data.synthetic import make_split
 from minigenrecal.recalibrator import Recalibrator
-from minigenrecal.stages import PairData, StageConfig, stage_loss, student_groups, teacher_forward, train_stage
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig, stage_loss, student_groups, teacher_forward
 
 
 def _digest(module) -> str:
@@ -95,7 +96,7 @@ def test_lr_decays_linearly_from_lr_to_lr_end(setup):
 
 def test_stage3_student_saves_and_reloads_as_plain_transformers(setup, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.vlm import VLMView
     _, student, _, _ = setup
     student.model.save_pretrained(tmp_path)
     student.processor.save_pretrained(tmp_path)

@@ -4,7 +4,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from minigenrecal.tiny import train_teacher, weights_digest, build_teacher
+from minigenrecal.study.teacher import train_teacher, weights_digest
+from minigenrecal.models.tiny import build_teacher
 
 SHORT = dict(steps=3, n_train=48, batch_size=8, warmup=1, n_val=4, n_test=4, threads=1, log=lambda *_: None)
 

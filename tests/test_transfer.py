@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from minigenrecal.data import label_noise, make_caption_pool, make_split
-from minigenrecal.metrics import candidates, is_closed
+from minigenrecal.data.synthetic import label_noise, make_caption_pool, make_split
+from minigenrecal.data.synthetic import candidates, is_closed
 from minigenrecal.study import stats
 
 
@@ -88,7 +88,8 @@ def test_warm_start_build_is_bit_identical_twice(tmp_path):
     a = train_warm_start("cross_tokenizer", tmp_path / "a", **kw)
     b = train_warm_start("cross_tokenizer", tmp_path / "b", **kw)
     assert a["weights_sha256"] == b["weights_sha256"]
-    from minigenrecal.tiny import build_student, weights_digest
+    from minigenrecal.models.tiny import build_student
+    from minigenrecal.study.teacher import weights_digest
     assert a["weights_sha256"] != weights_digest(build_student(0)[0])  # it trained
     model, proc = load_warm_start("cross_tokenizer", tmp_path / "a")
     assert weights_digest(model) == a["weights_sha256"] and proc.tokenizer.vocab_size > 0
@@ -96,7 +97,7 @@ def test_warm_start_build_is_bit_identical_twice(tmp_path):
 
 def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     from minigenrecal.study import transfer as T
-    from minigenrecal.tiny import TEACHER_DIR
+    from minigenrecal.models.tiny import TEACHER_DIR
     if not T.POSTERIOR_TEACHER_DIR.exists():  # the posterior teacher ships with the package; stand in if absent
         monkeypatch.setattr(T, "POSTERIOR_TEACHER_DIR", TEACHER_DIR)
     plan = T.quick_plan([0, 1])
@@ -121,7 +122,7 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
     saved = json.loads((tmp_path / "transfer.json").read_text())
     assert saved["analysis"] == json.loads(json.dumps(res["analysis"]))
-    from minigenrecal.manifest import FIELDS
+    from minigenrecal.scale.manifest import FIELDS
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(FIELDS) <= manifest.keys() and saved["manifest"] == manifest and manifest["seed"] == [0, 1]
     n_blocks = 2 * len(T.blocks(plan))
@@ -133,7 +134,8 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
 
 
 def test_a_student_built_twice_has_one_vocabulary():
-    from minigenrecal.tiny import STUDENT_TOKENIZER, build_student, weights_digest
+    from minigenrecal.models.tiny import STUDENT_TOKENIZER, build_student
+    from minigenrecal.study.teacher import weights_digest
     (m1, p1), (m2, p2) = build_student(0), build_student(0)
     assert weights_digest(m1) == weights_digest(m2)
     assert p1.tokenizer.get_vocab() == p2.tokenizer.get_vocab()  # Unigram training alone would reorder the ids
@@ -145,8 +147,8 @@ def test_generation_budget_covers_every_answer_of_the_task():
     """Greedy evaluation truncated at max_new_tokens would mark long answers wrong whatever the model knows."""
     import inspect
     from minigenrecal.study.warmstart import load_warm_start
-    from minigenrecal.tiny import load_teacher
-    from minigenrecal.vlm import VLMView
+    from minigenrecal.models.tiny import load_teacher
+    from minigenrecal.models.vlm import VLMView
     budget = inspect.signature(VLMView.generate).parameters["max_new_tokens"].default
     samples = make_split(0, "test", 300) + make_caption_pool(0, 100)
     for model, proc in (load_warm_start("cross_tokenizer"), load_teacher()):
@@ -157,7 +159,7 @@ def test_generation_budget_covers_every_answer_of_the_task():
 def test_committed_study_matches_its_reports():
     """results/transfer holds the full study; its report, the README's table and the recomputed analysis agree."""
     from minigenrecal.study import transfer as T
-    from minigenrecal.tiny import ROOT
+    from minigenrecal.models.tiny import ROOT
     out = ROOT / "results" / "transfer"
     res = json.loads((out / "transfer.json").read_text())
     plan = res["plan"]
@@ -194,7 +196,7 @@ def test_the_longer_budget_rerun_matches_its_reports():
     """results/transfer_long (both noisy regimes at the budget where SFT fits its training set, chosen on val in
     results/transfer/val_budget.json): its figures are recomputed from its rows, and the README quotes them."""
     from minigenrecal.study import transfer as T
-    from minigenrecal.tiny import ROOT
+    from minigenrecal.models.tiny import ROOT
     out = ROOT / "results" / "transfer_long"
     res = json.loads((out / "transfer.json").read_text())
     plan = res["plan"]

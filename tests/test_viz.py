@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from minigenrecal import viz
+from minigenrecal.teach import viz
 from minigenrecal.losses import split_teacher
 from minigenrecal.recalibrator import Recalibrator
 
@@ -20,7 +20,7 @@ def test_boundary_rows_last_question_position_predicts_a0():
 
 @pytest.mark.parametrize("Lq,La", [(1, 2), (5, 2), (7, 6)])
 def test_boundary_rows_predict_from_the_last_question_position_on(Lq, La):
-    """METHOD.md decision 4: positions Lq-1 .. Lq+La-2 predict a_0 .. a_{La-1}, in order; the rest predict nothing."""
+    """docs/method.md decision 4: positions Lq-1 .. Lq+La-2 predict a_0 .. a_{La-1}, in order; the rest predict nothing."""
     rows = viz.boundary_rows(Lq, La)
     assert len(rows) == Lq + La - 1
     predicts = {r["pos"]: r["predicts"] for r in rows if r["predicts"] is not None}

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from minigenrecal.data import make_split
-from minigenrecal.tiny import build_tiny_vlm
-from minigenrecal.vlm import VLMView
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.models.families import build_tiny_vlm
+from minigenrecal.models.vlm import VLMView
 
 FAMILIES = {"llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
             "qwen2vl": "Qwen2VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}

@@ -22,7 +22,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2)
 if sys.argv[1] == "first":
-    from minigenrecal.sharding import import_modeling_modules
+    from minigenrecal.scale.backends import import_modeling_modules
     print("imported", import_modeling_modules(cfg))
 with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
     from transformers import LlamaForCausalLM  # the modeling module's first import, when not done before

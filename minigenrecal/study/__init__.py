@@ -1,1 +1,3 @@
-"""Studies built on the method: the warm start, paired statistics, and the knowledge-transfer reproduction."""
+"""Studies built on the method: the tiny pipeline and demo (`pipeline`), the distillation baselines (`baselines`),
+the clean-label reproduction (`reproduce`), the knowledge-transfer study (`transfer`), the warm start
+(`warmstart`), the tiny teacher's training (`teacher`) and paired statistics (`stats`)."""

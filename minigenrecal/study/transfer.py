@@ -20,6 +20,10 @@ each GenRecal run at the end of stage 1 and of stage 2.
 """
 from __future__ import annotations
 
+import warnings
+
+import transformers
+
 import json
 import os
 import time
@@ -29,22 +33,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..baselines import train_baseline
-from ..data import Sample, label_noise, make_split
-from ..evaluate import exact_match, normalize
-from ..losses import answer_rows, head_losses
-from ..metrics import calibration, is_closed, posterior_metrics
-from ..recalibrator import Recalibrator
-from ..stages import GenRecal, PairData, StageConfig, student_groups, teacher_forward, train_stage
-from ..vlm import VLMView
-from . import stats
-from .warmstart import load_warm_start
+from minigenrecal.study.baselines import train_baseline
+from minigenrecal.data.synthetic import Sample, label_noise, make_split
+from minigenrecal.evaluation.exact_match import exact_match
+from minigenrecal.data.synthetic import normalize
+from minigenrecal.losses import answer_rows, head_losses
+from minigenrecal.evaluation.metrics import calibration, posterior_metrics
+from minigenrecal.data.synthetic import is_closed
+from minigenrecal.recalibrator import Recalibrator
+from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
+from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
+from minigenrecal.models.vlm import VLMView
+from minigenrecal.study import stats
+from minigenrecal.study.warmstart import load_warm_start
 
 DATA_SEED = 0
 TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher"
 POSTERIOR_TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher_posterior"
 PLANNED_DISCORDANCE, PLANNED_SEED_SD = 0.30, 0.02  # assumed before the test run (the report states them)
-PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, METHOD.md): the yardstick for "testable here"
+PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, docs/method.md): the yardstick for "testable here"
 TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
 VARIANTS = {  # all run at the headline noise level; none is the paper's own method
     "genrecal_recal_frozen": {"train_recal": False},  # stage 2 cannot move the reader: the student must move
@@ -119,7 +126,7 @@ def _mode(s: Sample) -> Sample:
 
 
 def build_context(plan: Plan, task: str = "shapes") -> Context:
-    from ..tiny import load_teacher
+    from minigenrecal.models.tiny import load_teacher
     model, proc = load_teacher(TEACHER_DIR if task == "shapes" else POSTERIOR_TEACHER_DIR)
     teacher = VLMView(model.requires_grad_(False).eval(), proc, name="teacher")
     cross = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
@@ -210,18 +217,18 @@ def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, afte
     answer_input = knobs.get("answer_input", "features")
     stage_knobs = {k: v for k, v in knobs.items() if k in ("train_recal", "w_kl")}
     data = PairData(ctx.encode(student, noisy), ctx.encode(teacher, noisy))
-    torch.manual_seed(seed)
-    recal = Recalibrator(teacher.d, student.text_config, 2)
+    plan_ = {stage: plan.stage(stage, seed) for stage in (1, 2, 3)}
+    for stage in (1, 2):
+        plan_[stage] = replace(plan_[stage], **{k: v for k, v in stage_knobs.items() if stage == 2 or k != "train_recal"})
     diag = {}
-    for stage in (1, 2, 3):
-        cfg = plan.stage(stage, seed)
-        if stage in (1, 2):
-            cfg = replace(cfg, **{k: v for k, v in stage_knobs.items() if stage == 2 or k != "train_recal"})
-        train_stage(stage, student, data, cfg, teacher=teacher, recal=recal, progress=False, answer_input=answer_input)
-        if stage in (1, 2):
-            diag[f"after_stage{stage}"] = diagnose(student, recal, ctx, cfg, answer_input, noisy)
-        if stage == 2 and after2 is not None:
+
+    def after(st):
+        if st.stage in (1, 2):
+            diag[f"after_stage{st.stage}"] = diagnose(student, st.recal, ctx, st.cfg, answer_input, noisy)
+        if st.stage == 2 and after2 is not None:
             after2(student)
+    run_stages(plan_, student, data, teacher, depth=2, seed=seed, answer_input=answer_input, progress=False,
+               callbacks=[AfterStage(after)])
     return student, diag
 
 
@@ -252,7 +259,7 @@ def oracle_labelled(ctx: Context) -> list[Sample]:
     """`oracle_draws` fresh labels per training sample, drawn from its true posterior: training on these approximates
     the expected CE under the posterior (the same student steps as every other row)."""
     import random
-    from ..data import sample_answer
+    from minigenrecal.data.synthetic import sample_answer
     out = []
     for s in ctx.labelled:
         rng = random.Random(f"oracle/{s.id}")
@@ -342,8 +349,8 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
 # -- all seeds, in parallel processes ----------------------------------------------------------------------------------
 def _worker(args):
     plan, seed, out = args
-    from ..cli import _quiet
-    _quiet()
+    warnings.filterwarnings("ignore")  # a worker process: as quiet as the command line that started it
+    transformers.utils.logging.set_verbosity_error()
     return run_seed(plan, seed, Path(out), log=lambda m: print(m, flush=True))
 
 
@@ -363,7 +370,7 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
             per_seed = list(ex.map(_worker, tasks))
     else:
         per_seed = [_worker(t) for t in tasks]
-    from ..manifest import run_manifest, write_manifest
+    from minigenrecal.scale.manifest import run_manifest, write_manifest
     result = {"plan": asdict(plan), "rows": [r for rows in per_seed for r in rows],
               "runtime_seconds": round(time.time() - t0, 1), "jobs": jobs,
               "blocks": {"total": len(paths), "read_back": read_back},
@@ -692,54 +699,3 @@ def write_report(result: dict, out: Path) -> str:
 
 
 # -- command line -------------------------------------------------------------------------------------------------------
-def add_command(sub) -> None:
-    r = sub.add_parser("transfer", help="does the Recalibrator pass on what the teacher knows? (label-noise study)")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="training seeds (paired rows)")
-    r.add_argument("--out", default="results/transfer", help="output directory (transfer.json, README.md, plot)")
-    r.add_argument("--jobs", type=int, default=2, help="seeds run in parallel, one process and one thread each")
-    r.add_argument("--eval-split", default="test", choices=["test", "val"], help="val for choosing knobs")
-    r.add_argument("--n-test", type=int, default=2000, help="evaluation items (paired across methods and seeds)")
-    r.add_argument("--lr", type=float, default=1e-3, help="peak LR of every row (chosen on val, see README)")
-    r.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.3, 0.5], help="label-noise fractions")
-    r.add_argument("--no-variants", action="store_true", help="skip the GenRecal variants")
-    r.add_argument("--quick", action="store_true", help="two seeds, a few steps and items (a smoke test)")
-    r.add_argument("--no-posterior", action="store_true", help="skip the posterior-task regime")
-    r.add_argument("--no-bounds", action="store_true", help="skip sequence-level KD (SFT on the teacher's answers)")
-    r.add_argument("--steps", type=int, nargs=3, default=[100, 200, 200], metavar=("S1", "S2", "S3"),
-                   help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
-    r.add_argument("--tune-lr", type=float, nargs="+", default=None,
-                   help="instead of the study: SFT at these peak LRs on val (with --eval-split val), pick the best")
-    r.add_argument("--report-only", action="store_true", help="re-render README.md and the plot from transfer.json")
-    r.add_argument("--probe-budget", type=int, nargs="+", default=None, metavar="STEPS",
-                   help="instead of the study: SFT at these student-step budgets on val (with --eval-split val), "
-                        "at noise 0 and the headline noise; writes OUT/val_budget.json")
-
-    def run(a):
-        out = Path(a.out)
-        if a.report_only:
-            if (out / "transfer.json").exists():
-                res = json.loads((out / "transfer.json").read_text())
-            else:  # an interrupted study: report the seeds that completed, and say so
-                per = [json.loads(f.read_text()) for f in sorted(out.glob("seeds/seed*_*.json"))]
-                plan = Plan(seeds=sorted({d["seed"] for d in per}), rhos=a.rhos, n_test=a.n_test, lr=a.lr,
-                            eval_split=a.eval_split, variants=not a.no_variants, posterior=not a.no_posterior)
-                res = {"plan": asdict(plan), "rows": [r for d in per for r in d["rows"]], "jobs": a.jobs,
-                       "runtime_seconds": float("nan"), "partial": f"{len(per)} seed-block(s) completed"}
-            res["analysis"] = analyse(res)
-            (out / "transfer.json").write_text(json.dumps(res, indent=1) + "\n")
-            write_report(res, out)
-            print(f"wrote {out}/README.md")
-            return
-        plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
-                                                         eval_split=a.eval_split, variants=not a.no_variants,
-                                                         posterior=not a.no_posterior, bounds=not a.no_bounds,
-                                                         steps=tuple(a.steps))
-        if a.probe_budget:
-            probe_budget(plan, a.probe_budget, out)
-            return
-        if a.tune_lr:
-            print(json.dumps(tune_lr(plan, a.tune_lr, out)["chosen_lr"]))
-            return
-        res = transfer(plan, out, a.jobs)
-        print(f"wrote {out}/transfer.json and {out}/README.md in {res['runtime_seconds'] / 60:.1f} min")
-    r.set_defaults(fn=run)

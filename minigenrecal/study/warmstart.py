@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..data import make_caption_pool
-from ..evaluate import exact_match
-from ..stages import PairData, StageConfig, train_stage
-from ..tiny import ROOT, _manifest, build_student, weights_digest
-from ..vlm import VLMView
+from minigenrecal.data.synthetic import make_caption_pool
+from minigenrecal.evaluation.exact_match import exact_match
+from minigenrecal.loop import PairData, train_stage
+from minigenrecal.stages import StageConfig
+from minigenrecal.models.tiny import ROOT, build_student
+from minigenrecal.study.teacher import _manifest, weights_digest
+from minigenrecal.models.vlm import VLMView
 
 KINDS = ("cross_tokenizer", "same_tokenizer")
 WARM_DIR = ROOT / "data_samples" / "warm_start"
@@ -28,7 +30,7 @@ def _build(kind: str, seed: int):
     if kind == "cross_tokenizer":
         return build_student(seed)
     if kind == "same_tokenizer":
-        from ..baselines import build_same_tokenizer_student
+        from minigenrecal.study.baselines import build_same_tokenizer_student
         return build_same_tokenizer_student(seed)
     raise ValueError(f"unknown warm-start kind {kind!r}; choose from {KINDS}")
 
@@ -70,19 +72,3 @@ def load_warm_start(kind: str, path: str | Path | None = None):
         raise FileNotFoundError(f"no warm start at {path}; build it with `python -m minigenrecal make-warm-start`")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     return model.eval(), AutoProcessor.from_pretrained(path)
-
-
-def add_command(sub) -> None:
-    w = sub.add_parser("make-warm-start", help="caption-pretrain the students' shared warm start and save it")
-    w.add_argument("--kind", choices=[*KINDS, "both"], default="both", help="which student to pretrain")
-    w.add_argument("--n", type=int, default=12000, help="captions in the pretraining pool")
-    w.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    w.add_argument("--seed", type=int, default=0, help="init, pool and data-order seed")
-    w.add_argument("--threads", type=int, default=1, help="torch threads; the same count gives the same weights")
-    w.add_argument("--out", default=None, help="directory (default data_samples/warm_start/KIND)")
-
-    def run(a):
-        for kind in (KINDS if a.kind == "both" else [a.kind]):
-            out = None if a.out is None else Path(a.out) / kind
-            print(json.dumps(train_warm_start(kind, out, n=a.n, steps=a.steps, seed=a.seed, threads=a.threads)))
-    w.set_defaults(fn=run)

@@ -1,0 +1,95 @@
+"""The command line: argparse and nothing else. Each room's commands are in their own module here, imported
+explicitly (core: demo, evaluate, make-teacher; scale: train, cache-teacher, bench; study: reproduce, transfer,
+warm-start; teach: grade, assignment; models: families); the library functions they call know nothing of argparse."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from minigenrecal.cli.common import add_preset_option, quiet
+from minigenrecal.cli.models import add_families_command
+from minigenrecal.cli.scale import add_bench_command, add_cache_command, add_launch_command
+from minigenrecal.cli.study import add_reproduce_command, add_transfer_command, add_warmstart_command
+from minigenrecal.cli.teach import add_grading_command
+
+
+def cmd_demo(a):
+    import torch
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.study.pipeline import demo
+    torch.manual_seed(0)
+    preset = get_preset(a.preset)
+    res = demo(preset, a.out, data_seed=a.data_seed, n_test=a.n_test, checkpoint_every=a.checkpoint_every,
+               resume=a.resume)
+    print(f"\n== minigenrecal demo ({preset.name}) ==")
+    print(f"teacher accuracy         {res['teacher']:.3f}")
+    print(f"student before           {res['student_before']:.3f}")
+    for st in (1, 2, 3):
+        print(f"student after stage {st}    {res[f'student_after_stage{st}']:.3f}")
+    print(f"skipped samples          {res['skipped']} (ids and reasons in {a.out}/skipped.jsonl)")
+    print(f"wall time                {res['seconds']:.0f} s")
+    print(f"final student saved to   {a.out}/student; numbers in {a.out}/summary.json")
+
+
+def cmd_evaluate(a):
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.evaluation.exact_match import exact_match
+    from minigenrecal.models.hub import load_hub_vlm
+    from minigenrecal.models.vlm import VLMView
+    model, proc = load_hub_vlm(a.student, dtype="float32")  # the family's processor stand-in without torchvision
+    res = exact_match(VLMView(model, proc, name="student"), make_split(a.data_seed, a.split, a.n))
+    print(json.dumps({"student": a.student, "data_seed": a.data_seed, "split": a.split, "n": res["n"],
+                      "accuracy": res["accuracy"]}))
+
+
+def cmd_make_teacher(a):
+    from minigenrecal.study.teacher import train_teacher
+    info = train_teacher(a.out, steps=a.steps, n_train=a.n_train, seed=a.seed, threads=a.threads, task=a.task)
+    print(json.dumps(info))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the core subcommands and those that live in their own modules."""
+    p = argparse.ArgumentParser(prog="python -m minigenrecal", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="teacher -> stages 1, 2, 3 -> evaluation on the tiny pair (CPU, offline)")
+    d.add_argument("--out", default="runs/demo", help="output directory (student, summary.json, manifest.json)")
+    add_preset_option(d)
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and test splits")
+    d.add_argument("--n-test", type=int, default=500, help="test samples for the accuracies")
+    d.add_argument("--checkpoint-every", type=int, default=50,
+                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
+    d.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue a killed run from its latest complete checkpoint (the run's OUT, or OUT/checkpoints)")
+    d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("evaluate", help="exact-match accuracy of a saved student on fresh synthetic samples")
+    e.add_argument("--student", required=True, help="directory of a saved student (model and processor)")
+    e.add_argument("--data-seed", type=int, default=1, help="seed of the synthetic samples")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic split to score")
+    e.add_argument("--n", type=int, default=500, help="samples to score")
+    e.set_defaults(fn=cmd_evaluate)
+    m = sub.add_parser("make-teacher", help="train the tiny teacher and save it (the shipped checkpoint)")
+    from minigenrecal.models.tiny import TEACHER_DIR
+    m.add_argument("--out", default=str(TEACHER_DIR), help="where to save it (default: the shipped teacher)")
+    m.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    m.add_argument("--n-train", type=int, default=20000, help="synthetic training samples")
+    m.add_argument("--seed", type=int, default=0, help="init and data seed")
+    m.add_argument("--threads", type=int, default=1, help="torch threads; the same count gives the same weights")
+    m.add_argument("--task", default="shapes", choices=["shapes", "posterior"],
+                   help="synthetic task: 'shapes' (answers fixed by the image) or 'posterior' (blended colours)")
+    m.set_defaults(fn=cmd_make_teacher)
+    for add in (add_launch_command, add_cache_command, add_bench_command, add_reproduce_command,
+                add_transfer_command, add_warmstart_command, add_grading_command, add_families_command):
+        add(sub)
+    return p
+
+
+def main(argv=None):
+    quiet()
+    a = build_parser().parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

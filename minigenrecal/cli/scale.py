@@ -1,0 +1,167 @@
+"""Commands of the scale-up room: train (the launch), cache-teacher, bench."""
+from __future__ import annotations
+
+from pathlib import Path
+import json
+import torch
+import torch.distributed as dist
+
+from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
+from minigenrecal.scale.cache import _init_distributed, _load_teacher, _rank_world, _read_samples, build_cache, estimate_size, format_estimate, parse_bytes
+from minigenrecal.scale.launch import run
+from minigenrecal.cli.common import add_preset_option
+
+
+# -- the command of minigenrecal.scale.launch ---------------------------------------------------------------------------
+def add_data_options(p) -> None:
+    """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
+    for both, so the cache holds the samples training asks for)."""
+    from minigenrecal.data.llava import MULTI_TURN
+    p.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
+                                                "(default: the synthetic train split)")
+    p.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
+                                                      "(default: the data file's folder)")
+    p.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
+                   help="records with several question/answer pairs: reject them (default), 'context' (each answer "
+                        "with the earlier turns as text), or 'split' (each pair on its own, earlier turns dropped)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first bad sample instead of skipping it (skipped ones go to OUT/skipped.jsonl)")
+
+
+def add_launch_command(sub) -> None:
+    t = sub.add_parser("train", help="stages 1-3 for a preset (launch with `accelerate launch -m minigenrecal train`)")
+    add_preset_option(t)
+    t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
+    add_data_options(t)
+    t.add_argument("--lazy", action="store_true",
+                   help="with --data: each process reads only its share, rendering images per batch (not all up "
+                        "front); bad samples are found, skipped and reported as training meets them")
+    t.add_argument("--stream", action="store_true",
+                   help="with --data: like --lazy, read in order as a stream (JSONL: a process parses only its lines)")
+    t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
+    t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")
+    t.add_argument("--tiny-random", action="store_true", help="the preset's model classes at tiny size, random init")
+    t.add_argument("--steps", type=int, default=None, help="override every stage's steps")
+    t.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
+    t.add_argument("--grad-accum", type=int, default=None, help="override every stage's gradient accumulation steps")
+    t.add_argument("--seed", type=int, default=0, help="Recalibrator init and data-order seed")
+    t.add_argument("--recal-in", default=None, metavar="DIR",
+                   help="start from the Recalibrator an earlier launch saved (its OUT, or the .safetensors file): "
+                        "stages as separate launches, e.g. --stages 3 after a --stages 1,2 launch")
+    t.add_argument("--out", default=None, help="default: runs/train, or the resumed run's directory")
+    t.add_argument("--no-save", action="store_true", help="write nothing under OUT (no student, no checkpoints)")
+    t.add_argument("--checkpoint-every", type=int, default=100,
+                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from the latest complete checkpoint of a run (its OUT, or OUT/checkpoints)")
+    t.add_argument("--max-skips", type=int, default=3,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    t.add_argument("--state-out", default=None, help=argparse_hidden())
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(fn=run)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+# -- the command of minigenrecal.scale.cache ----------------------------------------------------------------------------
+def cmd_cache_teacher(a):
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.data.pairs import write_skip_report
+    _init_distributed()
+    rank, world = _rank_world()
+    preset = get_preset(a.preset)
+    skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
+    samples, about = _read_samples(a, skipped)
+    teacher, head = _load_teacher(a)
+    kw = dict(batch_size=a.batch_size, dtype=a.dtype, answer_input=a.answer_input, shard_bytes=parse_bytes(a.shard_bytes))
+    if rank == 0:
+        print(format_estimate(estimate_size(teacher, samples, head=head, world_size=world, **kw)), flush=True)
+    meta = build_cache(teacher, samples, a.out, head=head, progress=True, skip_bad=not a.strict, skipped=skipped,
+                       info={"preset": preset.name, "teacher": preset.teacher, **about}, **kw)
+    if rank == 0:
+        write_skip_report(a.out, meta["skipped"])
+        written = sum(f.stat().st_size for f in Path(a.out).iterdir() if f.is_file())
+        print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
+              f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
+        print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
+    from minigenrecal.scale.backends import end_launch
+    if not end_launch() and dist.is_initialized():  # a sharded teacher's launch tears itself down; DDP's here
+        dist.destroy_process_group()
+
+
+def add_cache_command(sub) -> None:
+    from minigenrecal.scale.launch import add_data_options
+    c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the training samples and store its "
+                                             "features (rerun the same command to resume an interrupted build)")
+    add_preset_option(c)
+    add_data_options(c)
+    c.add_argument("--n", type=int, default=None,
+                   help="samples: the first n of --data, or of the synthetic split (default: all / the preset's n_train)")
+    c.add_argument("--out", required=True, help="cache directory to write (an interrupted build there resumes)")
+    c.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
+    c.add_argument("--batch-size", type=int, default=32, help="samples per teacher forward")
+    c.add_argument("--shard-bytes", default="2GiB", help="largest shard file, e.g. 2GiB, 512MiB (default 2GiB); "
+                                                         "a sample larger than this gets a shard of its own")
+    c.add_argument("--dtype", default="bfloat16", help="stored feature dtype (bfloat16, float16, float32)")
+    c.add_argument("--answer-input", default="features", choices=["features", "embeddings"],
+                   help="what the Recalibrator reads at answer positions: teacher features or answer embeddings")
+    c.add_argument("--teacher-dir", default=None, help="tiny preset: a teacher checkpoint other than the shipped one")
+    c.set_defaults(fn=cmd_cache_teacher)
+
+
+# -- the command of minigenrecal.scale.bench ----------------------------------------------------------------------------
+def add_bench_command(sub) -> None:
+    b = sub.add_parser("bench", help="stage 1/2 step time, tokens/s, peak memory and MFU from config dimensions")
+    add_preset_option(b, default="smolvlm-256m<-qwen2-vl-2b")
+    b.add_argument("--random-weights", action="store_true", help="required: models are random-init from DIMS")
+    b.add_argument("--scale", type=float, default=None, help="shrink widths/depths/vocab (default 1 on CUDA, 0.05 on CPU)")
+    b.add_argument("--batch", type=int, default=None, help="samples per step (default 4 on CUDA, 2 on CPU)")
+    b.add_argument("--lq", type=int, default=None, help="question tokens (student; teacher uses the same)")
+    b.add_argument("--la", type=int, default=None, help="answer tokens")
+    b.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    b.add_argument("--chunk", type=int, default=1024, help="teacher-head loss chunk (0: naive)")
+    b.add_argument("--cache", action="store_true", help="no teacher body (stages 1-2 from a teacher cache)")
+    b.add_argument("--stages", default="1,2", help="comma-separated stages to time")
+    b.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak bf16 TFLOP/s, for MFU")
+    b.add_argument("--gpus", type=int, default=1, help="GPU count for the printed memory estimate (ZeRO-3 sharding)")
+    b.add_argument("--estimate-only", action="store_true", help="print every preset's memory estimate; build nothing")
+    b.add_argument("--capacity-gib", type=float, default=None, help="memory to refuse above (default: the GPU's)")
+    b.add_argument("--force", action="store_true", help="build even when the estimate exceeds the memory")
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--memory-table", action="store_true",
+                   help="print docs/scaling.md's training memory table (every preset and GPU count; arithmetic)")
+
+    def run(a):
+        from minigenrecal.models.presets import PRESETS
+        cuda = torch.cuda.is_available()
+        scale = a.scale or (1.0 if cuda else 0.05)
+        shape = dict(batch=a.batch or (4 if cuda else 2), lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16))
+        stages = [int(s) for s in a.stages.split(",")]
+        if a.memory_table:
+            print("\n".join(training_memory_table()))
+            return
+        if a.estimate_only:
+            for name in PRESETS:
+                if name != "tiny":
+                    print_estimate(name, stages, gpus=a.gpus, use_cache=a.cache, chunk=a.chunk or None, scale=scale,
+                                   **shape)
+            return
+        if not a.random_weights:
+            raise SystemExit("bench builds random-init models from config dimensions: pass --random-weights")
+        if a.gpus != 1:
+            print_estimate(a.preset, stages, gpus=a.gpus, use_cache=a.cache, chunk=a.chunk or None, scale=scale, **shape)
+        try:
+            rows = bench(a.preset, scale=scale, steps=a.steps, chunk=a.chunk or None, use_cache=a.cache, stages=stages,
+                         peak_flops=a.peak_tflops * 1e12, capacity_gib=a.capacity_gib, force=a.force, verbose=True,
+                         **shape)
+        except WillNotFit as e:
+            raise SystemExit(str(e))
+        print_table(rows)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    b.set_defaults(fn=run)

@@ -1,0 +1,404 @@
+"""Where the models live in a launch: the backends, the sharded frozen teacher, and gathered saving.
+
+`accelerate launch --config_file configs/<name>.yaml -m minigenrecal train ...` picks the backend:
+
+| launch config | backend | student + Recalibrator (one module, `engine.Engine`) | frozen teacher |
+|---|---|---|---|
+| single_gpu / ddp / none | `accelerate` | accelerate's `prepare` (DDP across processes) | replicated on every process |
+| fsdp.yaml | `fsdp` | FSDP2 `fully_shard` per decoder layer + root, fp32 master, bf16 compute on CUDA | FSDP2-sharded for inference, no optimizer |
+| zero3.yaml | `deepspeed` | `deepspeed.initialize` with the launch's ZeRO stage | its own ZeRO-3 inference engine (no optimizer), loaded under `zero.Init` |
+
+Following accelerate's multiple-model guide and TRL's distillation trainers, the teacher is placed apart from the
+student: it never enters an optimizer, and under ZeRO-3 its DeepSpeed config is alive before its
+`from_pretrained`, so every rank materialises only its own partition. The FSDP and DeepSpeed backends talk to
+torch.distributed and DeepSpeed directly (accelerate only launches): accelerate keeps one DeepSpeed engine per
+process and has no CPU FSDP, and the run needs one student engine plus one teacher engine, on CPU in tests too.
+They expose the small accelerate-like surface the training loop uses (`prepare` for loaders, `accumulate`,
+`autocast`, `backward`, `sync_gradients`, `reduce`, `wait_for_everyone`, `device`, process indices).
+
+The teacher head is gathered once into a replicated frozen `nn.Linear` (loop.py gives the arithmetic).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from minigenrecal.loop import AccelerateBackend
+from minigenrecal.models.vlm import VLMView
+
+BACKENDS = ("accelerate", "fsdp", "deepspeed")
+
+
+def launch_backend() -> str:
+    """The backend `accelerate launch` asked for (its environment), else 'accelerate'."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return "accelerate"
+
+
+_BACKEND = None
+
+
+def get_backend(name: str | None = None):
+    """One backend per process (like accelerate's one Accelerator): `name`, or the launch's."""
+    global _BACKEND
+    name = name or launch_backend()
+    if _BACKEND is None or _BACKEND.name != name:
+        _BACKEND = {"accelerate": ReplicatedBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}[name]()
+    return _BACKEND
+
+
+def end_launch() -> bool:
+    """The end of a launch: a sharded backend tears down (its engines, then the process group) and is forgotten;
+    returns whether it did. The accelerate backend stays: one process's Accelerator may serve more runs (notebooks,
+    tests)."""
+    global _BACKEND
+    if _BACKEND is None or _BACKEND.name == "accelerate":
+        return False
+    _BACKEND.close()
+    _BACKEND = None
+    return True
+
+
+# -- accelerate (one process, or DDP): the loop's own backend, plus where its teacher goes -----------------------
+class ReplicatedBackend(AccelerateBackend):
+    """accelerate's `prepare` for the student module (DDP across processes); the teacher whole on every process."""
+
+    def place_teacher(self, load: Callable[[bool], tuple], max_length: int) -> tuple[PlacedTeacher, nn.Linear]:
+        model, proc = load(False)
+        model.requires_grad_(False).to(self.acc.device)
+        teacher = PlacedTeacher(VLMView(model, proc, max_length, name="teacher"))
+        return teacher, teacher.head
+
+
+@contextlib.contextmanager
+def gathered(weight: torch.Tensor, bias: torch.Tensor | None):
+    """A sharded head, read outside its module's forward, gathered whole for the call: yields (weight, bias).
+
+    The training run never needs this: it keeps a replicated copy of the head (loop.py says why). It is here
+    so that a head still inside a sharded teacher can be read by the chunked losses: a ZeRO-3 partitioned parameter is
+    gathered in place, an FSDP2 DTensor shard with `full_tensor()` (both are collectives: every rank calls).
+    """
+    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None], modifier_rank=None):
+            yield weight, bias
+        return
+    full = lambda t: t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t  # noqa: E731
+    yield full(weight), full(bias)
+
+
+# -- the shared surface of the two sharded backends ---------------------------------------------------------
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: every module whose class is a decoder or encoder layer."""
+    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
+
+
+class _TeacherBody(nn.Module):
+    """The frozen teacher's body as one module, so a sharding wrapper's forward hooks run around every call.
+    forward(batch) -> (B, T_l, d_l) features; forward(batch, "embed") -> its input embeddings of batch['input_ids']."""
+
+    def __init__(self, view):
+        super().__init__()
+        self.model = view.model
+        object.__setattr__(self, "view", view)
+
+    def forward(self, batch: dict, what: str = "body"):
+        return self.view.body(batch) if what == "body" else self.view.embed(batch["input_ids"])
+
+
+@dataclass
+class PlacedTeacher:
+    """The frozen teacher as a backend placed it: `body` and `embed` run through `root` (the sharding wrapper that
+    owns its parameters; None when the model is whole on this process). Everything else is the view's."""
+
+    view: VLMView
+    root: nn.Module | None = None
+
+    def body(self, batch: dict) -> torch.Tensor:
+        return self.view.body(batch) if self.root is None else self.root(batch)  # (B, T_l, d_l)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.view.embed(input_ids) if self.root is None else self.root({"input_ids": input_ids}, "embed")
+
+    def to(self, device) -> "PlacedTeacher":
+        return self  # placed already: the loop does not move it
+
+    def __getattr__(self, name):  # model, head, d, processor, tokenizer, encode, collate: the view's
+        return getattr(self.view, name)
+
+
+def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None, device) -> nn.Linear:
+    """A frozen nn.Linear holding copies of (weight, bias), replicated on this rank."""
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    head.weight = nn.Parameter(weight.detach().to(device).clone(), requires_grad=False)
+    if bias is not None:
+        head.bias = nn.Parameter(bias.detach().to(device).clone(), requires_grad=False)
+    return head
+
+
+class _Distributed:
+    """torch.distributed set up by hand (gloo on CPU, nccl on CUDA) and the accelerate-like loop surface."""
+
+    name = "?"
+
+    def __init__(self):
+        cuda = torch.cuda.is_available()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.process_index, self.num_processes = dist.get_rank(), dist.get_world_size()
+        self.is_main_process, self.is_local_main_process = self.process_index == 0, self.local_rank == 0
+        self.bf16 = cuda and os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16") == "bf16"
+        self.gradient_accumulation_steps, self._micro, self.sync_gradients = 1, 0, True
+        self.acc = self
+
+    # the loop's surface
+    def prepare(self, loader):
+        from accelerate.data_loader import prepare_data_loader
+        return prepare_data_loader(loader, self.device, num_processes=self.num_processes,
+                                   process_index=self.process_index, put_on_device=True)
+
+    @contextlib.contextmanager
+    def accumulate(self, module):
+        self._micro += 1
+        self.sync_gradients = self._micro % self.gradient_accumulation_steps == 0
+        self._sync(module)
+        yield
+
+    def autocast(self):
+        return contextlib.nullcontext()  # FSDP2's MixedPrecisionPolicy / DeepSpeed's bf16 cast instead
+
+    def reduce(self, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.num_processes if reduction == "mean" else t
+
+    def wait_for_everyone(self) -> None:
+        dist.barrier()
+
+    def unwrap_model(self, module):
+        return module
+
+    def close(self) -> None:
+        """Tear down in order at the end of a launch (engines, then the process group), so no communication
+        thread outlives the interpreter: left to exit, one can abort the process after the work is done."""
+        for engine in getattr(self, "engines", []):
+            engine.destroy()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def set_grad_accum(self, n: int) -> None:
+        launch = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
+        if launch not in (1, n):
+            raise ValueError(f"the launch config fixes gradient_accumulation_steps at {launch}, but this stage asks "
+                             f"for {n} (StageConfig.grad_accum): remove it from the launch config, the stages set it")
+        self.gradient_accumulation_steps, self._micro = n, 0
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------------------
+class FSDPBackend(_Distributed):
+    """FSDP2 (`fully_shard`): the student module and, apart from it, the frozen teacher, both sharded.
+
+    Student + Recalibrator: fp32 sharded master weights (frozen parts too: FSDP2 wants one dtype per group),
+    bf16 compute and fp32 gradient reduction on CUDA (MixedPrecisionPolicy). The teacher: sharded in its own dtype,
+    no optimizer, forward under no_grad. Every rank builds it on the meta device and materialises only its shards;
+    rank 0 alone reads the weights, into host memory, and broadcasts them (`set_model_state_dict(...,
+    broadcast_from_rank0=True)`).
+    """
+
+    name = "fsdp"
+
+    def _policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        if self.bf16:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _shard(self, root: nn.Module, inner: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+        for m in _layers(inner):
+            fully_shard(m, mp_policy=self._policy())
+        fully_shard(root, mp_policy=self._policy())
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        module.float().to(self.device)
+        self._shard(module, module)
+        return module
+
+    def prepare_module(self, module, opt):
+        return module, opt, opt
+
+    def _sync(self, module) -> None:
+        module.set_requires_gradient_sync(self.sync_gradients)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.gradient_accumulation_steps).backward()
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
+        """Every rank builds the teacher on the meta device, shards it, and materialises only its own shards on its
+        device; rank 0 alone reads the weights (to host memory) and broadcasts each shard's part."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        full, buffers = {}, {}
+        if self.is_main_process:
+            whole, _ = load(False)  # host memory of rank 0 only; never on a GPU whole
+            full, buffers = whole.state_dict(), dict(whole.named_buffers())
+            del whole
+        model, proc = load(True)
+        model.requires_grad_(False)
+        view = VLMView(model, proc, max_length, name="teacher")
+        body = _TeacherBody(view)
+        self._shard(body, model)
+        body.to_empty(device=self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for n, bf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in the state dict
+            if self.is_main_process:
+                bf.copy_(buffers[n])
+            dist.broadcast(bf, 0)
+        body.eval()
+        head = view.head  # sharded with the root: gathered once into the replica (a collective)
+        return PlacedTeacher(view, body), _linear_like(head.weight.full_tensor(), None if head.bias is None else head.bias.full_tensor(),
+                                  self.device)
+
+
+# -- DeepSpeed ------------------------------------------------------------------------------------------------
+def import_modeling_modules(config) -> list[str]:
+    """Import the transformers modeling module of `config` and of every sub-config (text, vision, LLM) BEFORE the
+    teacher is built under `deepspeed.zero.Init`; returns the module names.
+
+    Why: from transformers 5.25 (with the `kernels` package) attention classes are decorated by
+    `use_kernelized_func`, whose new `__init__` gives each instance `_kernel_funcs` and whose new `forward` reads it.
+    `zero.Init` patches `nn.Module.__init_subclass__`, so a class first *created* inside it has its `__init__`
+    recorded before the decorator runs, and at exit that undecorated `__init__` is put back while the decorated
+    `forward` stays. Every instance built afterwards then fails with "'LlamaAttention' object has no attribute
+    '_kernel_funcs'". Classes that already exist when `zero.Init` starts are recorded with their decorated
+    `__init__` and restored intact, so importing the modules first is the whole fix. The hub kernels themselves stay
+    off: nothing here calls `kernelize` or passes `use_kernels`, so no kernel code is downloaded."""
+    import importlib
+    import importlib.util
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    names, todo, seen = [], [config], set()
+    while todo:
+        c = todo.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+        kind = getattr(c, "model_type", "") or ""
+        mod = f"transformers.models.{model_type_to_module_name(kind)}.modeling_{model_type_to_module_name(kind)}"
+        if kind and importlib.util.find_spec(mod.rsplit(".", 1)[0]) and importlib.util.find_spec(mod):
+            importlib.import_module(mod)
+            names.append(mod)
+    return sorted(set(names))
+
+
+class DeepSpeedBackend(_Distributed):
+    """DeepSpeed: one training engine for the student module (the launch's ZeRO stage, from accelerate's
+    environment), and one ZeRO-3 inference engine for the teacher, which is loaded while its config is alive
+    (`HfDeepSpeedConfig`), so transformers builds it under `deepspeed.zero.Init`: no rank ever holds it whole."""
+
+    name = "deepspeed"
+
+    def __init__(self):
+        import deepspeed
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        super().__init__()
+        self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"))
+        self.clip = float(os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "0") or 0)
+        self.engine, self.engines = None, []
+        self.teacher_loaded_partitioned = None  # recorded for the load-order check
+
+    def config(self, zero_stage: int, train: bool = True) -> dict:
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": self.bf16}, "steps_per_print": 10 ** 9,
+               "wall_clock_breakdown": False}
+        if train and self.clip > 0:
+            cfg["gradient_clipping"] = self.clip
+        return cfg
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def prepare_module(self, module, opt):
+        import deepspeed
+        self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.config(self.zero_stage))
+        self.engines.append(self.engine)
+        return self.engine, _EngineOptimizer(self.engine, self), ds_opt.optimizer
+
+    def _sync(self, module) -> None:
+        self.engine.set_gradient_accumulation_boundary(self.sync_gradients)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss / self.gradient_accumulation_steps, scale_wrt_gas=False)
+
+    def unwrap_model(self, module):
+        return getattr(module, "module", module)
+
+    def full_state_dict(self, module) -> dict[str, torch.Tensor]:
+        """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it (ZeRO-3 gathers)."""
+        import deepspeed
+        inner = self.unwrap_model(module)
+        out = {}
+        for name, t in inner.state_dict(keep_vars=True).items():
+            gather = deepspeed.zero.GatheredParameters([t], modifier_rank=None) if hasattr(t, "ds_id") else contextlib.nullcontext()
+            with gather:
+                if self.is_main_process:
+                    out[name] = t.detach().cpu().clone()
+        return out
+
+    def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+        cfg = self.config(3, train=False)
+        self.teacher_modeling_modules = import_modeling_modules(load.config())  # before zero.Init: see its docstring
+        alive = HfDeepSpeedConfig(cfg)  # must exist before from_pretrained: transformers then uses zero.Init
+        model, proc = load(False)
+        self.teacher_loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        del alive  # the student loads whole and is partitioned by its own engine
+        model.requires_grad_(False)
+        view = VLMView(model, proc, max_length, name="teacher")
+        head = view.head
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            replica = _linear_like(head.weight, head.bias, self.device)
+        engine, *_ = deepspeed.initialize(model=_TeacherBody(view), config=cfg)
+        self.engines.append(engine)
+        engine.eval()
+        return PlacedTeacher(view, engine), replica
+
+
+class _EngineOptimizer:
+    """What the loop calls `opt`: step() steps the DeepSpeed engine at the accumulation boundary."""
+
+    def __init__(self, engine, backend: DeepSpeedBackend):
+        self.engine, self.backend = engine, backend
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        if self.backend.sync_gradients:
+            self.engine.zero_grad()
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups

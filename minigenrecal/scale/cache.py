@@ -1,0 +1,600 @@
+"""Teacher-feature cache: run the frozen teacher body once, then train stages 1-2 from disk with only its head.
+
+What is stored per sample (the fields of `losses.TeacherOut`, in bf16 safetensors shards):
+    z_seq   (Lq_l + La - 1, d_l)   the teacher's features at positions 0 .. Lq_l+La-2, from which
+            z_q    = z_seq[:Lq_l]                   (the regularization path's question features)
+            z_pred = z_seq[Lq_l-1:]                 (the answer-predicting positions; head(z_pred) = target logits)
+            z_a    = z_seq[Lq_l:] = z_pred[1:]      (the Recalibrator's answer input, answer_input='features')
+    z_a     (La - 1, d_l)          only with answer_input='embeddings' (then z_a is the answer word embeddings)
+    labels  (La,)                  a_0 .. a_{La-1} in the teacher's vocabulary
+Storing z_seq once instead of z_q, z_a and z_pred separately is lossless and saves the overlap.
+
+Files of a cache directory (docs/cache.md has the details):
+    build.json                     the build's settings; rerunning the same build resumes it
+    shard-r{R}-{K}.safetensors     process R's K-th shard: consecutive samples, at most `shard_bytes` bytes
+    shard-r{R}-{K}.json            written right after its shard: sample ids, skipped samples, input positions
+    rank-{R}.json                  process R has finished
+    head.safetensors, meta.json    written last by process 0: the frozen head and every sample id in global order
+
+    python -m minigenrecal cache-teacher --preset tiny --n 1000 --out runs/cache
+    accelerate launch --num_processes 8 -m minigenrecal cache-teacher --preset NAME --data train.json --out CACHE
+
+Samples are looked up by id: `TeacherCache(dir).teacher_fn_for(ids)` serves a training set in any order or subset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minigenrecal.data.synthetic import Sample
+from minigenrecal.data.llava import SampleError
+from minigenrecal.losses import TeacherOut
+from minigenrecal.models.vlm import VLMView
+
+FORMAT = 2
+SHARD_BYTES = 2 * 1024 ** 3  # default cap of one shard file
+HEADER_BYTES = 1024  # bound on a shard's safetensors header (8-byte length + the JSON of at most five tensors)
+ESTIMATE_SAMPLES = 32  # the size estimate reads the token counts of this many samples
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "k": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mib": 2 ** 20, "g": 2 ** 30, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MiB', '64K' (binary), '1.5GB' (decimal) or '65536' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 2GiB, 512MiB, 1.5GB or a byte count)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def sample_bytes(Lq: float, La: float, d_l: int, dtype: str = "bfloat16", answer_input: str = "features") -> float:
+    """Bytes one sample takes in a shard: z_seq (Lq+La-1, d_l) [+ z_a (La-1, d_l)] in `dtype`, the int64 labels
+    (La,) and its two int64 lengths."""
+    rows = Lq + La - 1 + (La - 1 if answer_input == "embeddings" else 0)
+    return rows * d_l * _dtype(dtype).itemsize + 8 * La + 16
+
+
+# -- processes ----------------------------------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _max_over_ranks(n: int, device: torch.device) -> int:
+    if _rank_world()[1] == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def rank_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
+    """The batches process `rank` of `world` runs (batch j = samples j*B .. j*B+B-1 in input order): contiguous
+    blocks of ceil(n_batches / world), so rank 0's samples, then rank 1's, ... are the input order. The last
+    ranks' blocks may be shorter or empty."""
+    n_batches = math.ceil(n / batch_size)
+    per = math.ceil(n_batches / world)
+    return range(min(rank * per, n_batches), min((rank + 1) * per, n_batches))
+
+
+def _positions(batches: range, batch_size: int, n: int) -> range:
+    """The input positions of a block of batches."""
+    return range(min(batches.start * batch_size, n), min(batches.stop * batch_size, n))
+
+
+# -- writing shards -----------------------------------------------------------------------------------------
+def _name(rank: int, k: int) -> str:
+    return f"shard-r{rank:03d}-{k:05d}"
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp file beside `path`, then rename: `path` is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def _rows(t: TeacherOut, dt: torch.dtype, answer_input: str) -> list[dict[str, torch.Tensor]]:
+    """Per sample of a teacher batch, the CPU tensors a shard stores (features in `dt`)."""
+    starts = torch.cumsum(t.a_lens, 0) - t.a_lens
+    out = []
+    for b in range(len(t.z_q)):
+        La, st = int(t.a_lens[b]), int(starts[b])
+        z_pred = t.z_pred[st: st + La]  # (La, d_l)
+        row = {"z_seq": torch.cat([t.z_q[b], z_pred[1:]]).to("cpu", dt),  # (Lq+La-1, d_l): z at 0 .. Lq_l+La-2
+               "labels": t.labels[st: st + La].cpu(),  # (La,)
+               "q_lens": torch.tensor([len(t.z_q[b])]), "a_lens": torch.tensor([La])}
+        if answer_input == "embeddings":
+            row["z_a"] = t.z_a[b].to("cpu", dt)  # (La-1, d_l)
+        out.append(row)
+    return out
+
+
+def _complete_shards(out: Path, rank: int) -> list[dict]:
+    """This process's complete shards from an earlier, interrupted build (metadata written, file of the
+    recorded size), in order. Everything of this process after them (a partial shard, temp files) is deleted."""
+    done = []
+    while (meta := out / f"{_name(rank, len(done))}.json").exists():
+        rec = json.loads(meta.read_text())
+        f = out / rec["file"]
+        if not f.exists() or f.stat().st_size != rec["bytes"]:
+            break
+        done.append(rec)
+    keep = {f"{_name(rank, k)}.{ext}" for k in range(len(done)) for ext in ("json", "safetensors")}
+    for p in out.glob(f"shard-r{rank:03d}-*"):
+        if p.name not in keep:
+            p.unlink()
+    return done
+
+
+class _ShardWriter:
+    """One process's shards. Samples arrive in input order and are cut into files of at most `cap` bytes (a
+    sample larger than `cap` gets a shard of its own) and at most `max_n` samples. Each shard's metadata is
+    written right after it; a new writer continues after the last complete shard (`resume_at`)."""
+
+    def __init__(self, out: Path, rank: int, cap: int, max_n: int | None, start: int):
+        self.out, self.rank, self.cap, self.max_n = out, rank, cap, max_n
+        self.shards = _complete_shards(out, rank)
+        self.start = self.shards[-1]["stop"] if self.shards else start  # input position the open shard starts at
+        self.resume_at = self.start
+        self.rows, self.ids, self.skipped, self.nbytes = [], [], [], 0
+
+    def add(self, pos: int, sid: str, row: dict[str, torch.Tensor]) -> None:
+        size = sum(t.nbytes for t in row.values())
+        if self.rows and (self.nbytes + size + HEADER_BYTES > self.cap or len(self.rows) == self.max_n):
+            self.flush(stop=pos)
+        self.rows.append(row)
+        self.ids.append(sid)
+        self.nbytes += size
+
+    def skip(self, record: dict) -> None:
+        self.skipped.append(record)
+
+    def flush(self, stop: int) -> None:
+        """Write the open shard (samples at input positions start .. stop-1), then its metadata."""
+        name = _name(self.rank, len(self.shards))
+        tensors = {k: torch.cat([r[k] for r in self.rows]).contiguous() for k in self.rows[0]}
+        _atomic(self.out / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+        rec = {"file": f"{name}.safetensors", "rank": self.rank, "index": len(self.shards), "n": len(self.ids),
+               "bytes": (self.out / f"{name}.safetensors").stat().st_size, "start": self.start, "stop": stop,
+               "sample_ids": self.ids, "skipped": self.skipped}
+        _write_json(self.out / f"{name}.json", rec)
+        self.shards.append(rec)
+        self.rows, self.ids, self.skipped, self.nbytes, self.start = [], [], [], 0, stop
+
+    def finish(self, stop: int, forwards: int) -> None:
+        """Write the last shard and rank-R.json (skipped samples not in a shard: only when it wrote none)."""
+        if self.rows:
+            self.flush(stop)
+        _write_json(self.out / f"rank-{self.rank:03d}.json", {"rank": self.rank, "shards": len(self.shards),
+                    "stop": stop, "skipped": self.skipped, "forwards": forwards})
+
+
+# -- the build ----------------------------------------------------------------------------------------------
+def _unique_ids(samples: list[Sample], skip_bad: bool, skipped: list[dict]) -> list[Sample]:
+    """The samples whose id no other sample has (the cache is looked up by id). The others raise ValueError,
+    or with `skip_bad` are all left out and recorded in `skipped`."""
+    count = Counter(s.id for s in samples)
+    dup = {i for i, c in count.items() if c > 1}
+    if not dup:
+        return samples
+    if not skip_bad:
+        raise ValueError(f"{len(dup)} sample id(s) occur more than once, e.g. {sorted(dup)[:5]}: the cache looks "
+                         "samples up by id, so ids must be unique")
+    skipped += [{"id": s.id, "reason": f"{count[s.id]} samples have this id (the cache looks samples up by id)"}
+                for s in samples if s.id in dup]
+    return [s for s in samples if s.id not in dup]
+
+
+def _settings(samples: list[Sample], head: nn.Linear, world: int, **kw) -> dict:
+    """What a rerun must repeat to resume a build: the knobs, the process count, the samples' ids and texts and
+    a checksum of the head (so another teacher is not resumed into this cache)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+    w = head.weight.detach()
+    return json.loads(json.dumps({"format": FORMAT, "world_size": world, **kw, "n": len(samples),
+                                  "samples_sha256": h.hexdigest(), "d_l": w.shape[1], "V_l": w.shape[0],
+                                  "head_checksum": float(w[:: max(1, w.shape[0] // 256)].double().sum())}))
+
+
+def _begin(out: Path, settings: dict, rank: int) -> None:
+    """Check that `out` is new or holds a build with the same settings (which this one resumes); record them."""
+    path = out / "build.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a cache build with other settings ({', '.join(diff)} differ): rerun "
+                             "it with the same ones to resume it, or write to a new directory")
+    elif (out / "meta.json").exists() or any(out.glob("shard-*")):
+        raise ValueError(f"{out} holds cache files of another build (no build.json): write to a new directory")
+    _barrier()
+    if rank == 0 and not path.exists():
+        _write_json(path, settings)
+    _barrier()
+
+
+class _Filler:
+    """A batch of one: the first sample of the data that the teacher renders. Forwarded where a process has no
+    batch of its own (padding, or every sample of its batch rejected), so that every process runs the same
+    number of teacher forwards (a sharded teacher's forward is a collective); its output is not written."""
+
+    def __init__(self, teacher: VLMView, samples: list[Sample]):
+        self.teacher, self.samples, self.encs = teacher, samples, None
+
+    def get(self) -> list:
+        if self.encs is None:
+            self.encs = _first_rendered(self.teacher, self.samples, 1)
+            if not self.encs:
+                raise ValueError(f"no usable sample: the teacher rejects all {len(self.samples)}")
+        return self.encs
+
+
+def _first_rendered(teacher: VLMView, samples: list[Sample], k: int) -> list:
+    """The Encoded of the first `k` samples the teacher renders."""
+    encs = []
+    for s in samples:
+        if len(encs) == k:
+            break
+        try:
+            encs.append(teacher.encode(s))
+        except SampleError:
+            continue
+    return encs
+
+
+def _device(teacher: VLMView) -> torch.device:
+    return next(teacher.model.parameters()).device
+
+
+@torch.no_grad()
+def build_cache(teacher: VLMView, samples: list[Sample], out: str | Path, batch_size: int = 32,
+                shard_size: int | None = None, dtype: str = "bfloat16", answer_input: str = "features",
+                info: dict | None = None, progress: bool = False, *, shard_bytes: int = SHARD_BYTES,
+                head: nn.Linear | None = None, skip_bad: bool = False, skipped: list[dict] | None = None) -> dict:
+    """Run `stages.teacher_forward` over `samples` in batches of `batch_size` and write the cache to `out`;
+    returns meta (on every process).
+
+    `teacher` is already placed (replicated, or sharded with `head` its replicated head). Under torch.distributed
+    each process runs its own contiguous block of batches (`rank_batches`) and writes its own shards; the last
+    blocks are padded with forwards that are not written, so every process runs the same number of forwards.
+    Shards hold at most `shard_bytes` bytes (and `shard_size` samples, if given). A rerun with the same
+    settings resumes an interrupted build: complete shards are kept, a partial one is discarded, and the batch
+    holding the next sample is recomputed whole (same padding: byte-identical shards).
+    A sample the teacher cannot render raises SampleError, or with `skip_bad` is left out and recorded in
+    meta['skipped'] after the records already in `skipped` (e.g. the reader's). Ids must be unique.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = teacher.head if head is None else head
+    rank, world = _rank_world()
+    skipped = list(skipped or [])
+    samples = _unique_ids(samples, skip_bad, skipped)
+    settings = _settings(samples, head, world, batch_size=batch_size, shard_bytes=shard_bytes, shard_size=shard_size,
+                         dtype=dtype, answer_input=answer_input, info=info or {})
+    _begin(out, settings, rank)
+    batches = rank_batches(len(samples), batch_size, rank, world)
+    share = _positions(batches, batch_size, len(samples))
+    writer = _ShardWriter(out, rank, shard_bytes, shard_size, share.start)
+    todo = range(writer.resume_at // batch_size, batches.stop) if writer.resume_at < share.stop else range(0)
+    steps = _max_over_ranks(len(todo), _device(teacher))
+    run = _BatchRunner(teacher, samples, batch_size, _dtype(dtype), answer_input, skip_bad)
+    bar = range(steps)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc="teacher cache")
+    for step in bar:
+        run(todo[step] if step < len(todo) else None, writer)
+    writer.finish(share.stop, steps)
+    _barrier()
+    if rank == 0:
+        _write_head(out, head)
+        _write_json(out / "meta.json", _assemble(out, settings, world, skipped))
+    _barrier()
+    return json.loads((out / "meta.json").read_text())
+
+
+class _BatchRunner:
+    """run(j, writer): render batch j, run the teacher on it and hand its samples to `writer` in input order
+    (j None: a padding forward of the filler, nothing written)."""
+
+    def __init__(self, teacher: VLMView, samples: list[Sample], batch_size: int, dt: torch.dtype,
+                 answer_input: str, skip_bad: bool):
+        self.teacher, self.samples, self.B, self.dt = teacher, samples, batch_size, dt
+        self.answer_input, self.skip_bad = answer_input, skip_bad
+        self.filler = _Filler(teacher, samples)
+
+    def __call__(self, j: int | None, writer: _ShardWriter) -> None:
+        from minigenrecal.data.pairs import skip_record
+        from minigenrecal.stages import teacher_forward
+        positions = range(j * self.B, min((j + 1) * self.B, len(self.samples))) if j is not None else range(0)
+        encs, order = [], []  # order: (input position, index into encs or a skip record)
+        for p in positions:
+            try:
+                encs.append(self.teacher.encode(self.samples[p]))
+                order.append((p, len(encs) - 1))
+            except SampleError as e:
+                if not self.skip_bad:
+                    raise
+                order.append((p, skip_record(self.samples[p], e)))
+        dev = _device(self.teacher)
+        batch = {k: v.to(dev) for k, v in self.teacher.collate(encs or self.filler.get()).items()}
+        t = teacher_forward(self.teacher, batch, self.answer_input)
+        rows = _rows(t, self.dt, self.answer_input) if encs else []
+        for p, what in order:
+            if p < writer.resume_at:
+                continue  # written before an interruption; its batch is recomputed only for the same padding
+            if isinstance(what, dict):
+                writer.skip(what)
+            else:
+                writer.add(p, self.samples[p].id, rows[what])
+
+
+def _write_head(out: Path, head: nn.Linear) -> None:
+    """head.safetensors: the frozen head's weight and bias, in the teacher's own dtype."""
+    tensors = {"weight": head.weight.detach().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.detach().cpu().contiguous()
+    _atomic(out / "head.safetensors", lambda p: save_file(tensors, str(p)))
+
+
+def _assemble(out: Path, settings: dict, world: int, skipped: list[dict]) -> dict:
+    """meta.json from the processes' shard metadata, in global order: rank 0's shards, then rank 1's, ...,
+    which is the input order without the skipped samples, whatever the number of processes."""
+    shards, ids, skipped = [], [], list(skipped)
+    for r in range(world):
+        done = json.loads((out / f"rank-{r:03d}.json").read_text())
+        for k in range(done["shards"]):
+            rec = json.loads((out / f"{_name(r, k)}.json").read_text())
+            shards.append({key: rec[key] for key in ("file", "rank", "n", "bytes")})
+            ids += rec["sample_ids"]
+            skipped += rec["skipped"]
+        skipped += done["skipped"]
+    keep = ("d_l", "V_l", "dtype", "answer_input", "world_size", "batch_size", "shard_bytes")
+    return {"format": FORMAT, "n": len(ids), **{k: settings[k] for k in keep}, "shards": shards,
+            "sample_ids": ids, "skipped": skipped, **settings["info"]}
+
+
+# -- the size before building ---------------------------------------------------------------------------------
+def estimate_size(teacher: VLMView, samples: list[Sample], dtype: str = "bfloat16", answer_input: str = "features",
+                  shard_bytes: int = SHARD_BYTES, batch_size: int = 32, world_size: int = 1,
+                  head: nn.Linear | None = None, k: int = ESTIMATE_SAMPLES) -> dict:
+    """The cache's size by arithmetic before building it (`size_arithmetic`), at the teacher's d_l and the mean
+    token counts of the first `k` samples it renders."""
+    head = teacher.head if head is None else head
+    encs = _first_rendered(teacher, samples, k)
+    if not encs:
+        raise ValueError(f"no usable sample among the first of {len(samples)}: the teacher rejects them")
+    Lq = sum(e.q_len for e in encs) / len(encs)
+    La = sum(e.a_len for e in encs) / len(encs)
+    head_bytes = sum(p.numel() * p.element_size() for p in (head.weight, head.bias) if p is not None)
+    return {**size_arithmetic(len(samples), Lq, La, head.weight.shape[1], head_bytes, dtype, answer_input,
+                              shard_bytes, batch_size, world_size), "from_samples": len(encs)}
+
+
+def size_arithmetic(n: int, Lq: float, La: float, d_l: int, head_bytes: int, dtype: str = "bfloat16",
+                    answer_input: str = "features", shard_bytes: int = SHARD_BYTES, batch_size: int = 32,
+                    world_size: int = 1) -> dict:
+    """Bytes of a cache of `n` samples of Lq question and La answer tokens: n x `sample_bytes`, plus one header
+    per shard and the head; and the shards the processes write (each packs whole samples of its block of
+    batches up to `shard_bytes`)."""
+    per = sample_bytes(Lq, La, d_l, dtype, answer_input)
+    per_shard = max(1, int((shard_bytes - HEADER_BYTES) // per))
+    shards = sum(math.ceil(len(_positions(rank_batches(n, batch_size, r, world_size), batch_size, n)) / per_shard)
+                 for r in range(world_size))
+    return {"n": n, "mean_q_tokens": Lq, "mean_a_tokens": La, "d_l": d_l, "dtype": dtype, "bytes_per_sample": per,
+            "head_bytes": head_bytes, "shards": shards, "shard_bytes": shard_bytes,
+            "total_bytes": round(n * per + shards * HEADER_BYTES + head_bytes)}
+
+
+def format_estimate(e: dict) -> str:
+    """The estimate as the command prints it."""
+    return (f"size estimate (arithmetic): {e['n']} samples x {e['bytes_per_sample']:,.0f} B (d_l {e['d_l']}, "
+            f"{e['dtype']}, mean {e['mean_q_tokens']:.1f} question + {e['mean_a_tokens']:.1f} answer tokens over "
+            f"the first {e['from_samples']} samples) + head {format_bytes(e['head_bytes'])} = "
+            f"{e['total_bytes']:,} B ({format_bytes(e['total_bytes'])}) in {e['shards']} shard(s) of at most "
+            f"{format_bytes(e['shard_bytes'])}")
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+class _Shards:
+    """Shard files opened on first use (memory-mapped), at most `keep` open at once."""
+
+    def __init__(self, paths: list[Path], keep: int = 64):
+        self.paths, self.keep, self.open = paths, keep, OrderedDict()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, k: int):
+        if k not in self.open:
+            self.open[k] = safe_open(str(self.paths[k]), framework="pt")
+            if len(self.open) > self.keep:
+                self.open.popitem(last=False)
+        self.open.move_to_end(k)
+        return self.open[k]
+
+
+class TeacherCache:
+    """A cache on disk, read lazily (memory-mapped safetensors). Row i is meta['sample_ids'][i];
+    `indices(ids)` finds rows by sample id and `teacher_fn_for(ids)` gives a training set's `teacher_fn`."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"no teacher cache at {self.path}; build it with `python -m minigenrecal "
+                                    "cache-teacher --out DIR` (an interrupted build resumes when rerun)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: cache format {self.meta.get('format')}, this code reads {FORMAT}")
+        self.dtype = dtype  # features are returned in this dtype (CPU fp32 training cannot read bf16 directly)
+        self.files = _Shards([self.path / sh["file"] for sh in self.meta["shards"]])
+        self.where = []  # where[i] = (shard, seq row start, a row start, label start, Lq, La)
+        for k, sh in enumerate(self.meta["shards"]):
+            self.where += self._locate(k, sh)
+        if len(self.where) != self.meta["n"]:
+            raise ValueError(f"{self.path}: meta says {self.meta['n']} samples, shards hold {len(self.where)}")
+        self._row = None
+
+    def _locate(self, k: int, sh: dict) -> list[tuple]:
+        f = self.path / sh["file"]
+        if not f.exists() or f.stat().st_size != sh["bytes"]:
+            raise ValueError(f"{f}: missing or not {sh['bytes']} bytes as meta.json says (a damaged cache)")
+        with safe_open(str(f), framework="pt") as g:
+            q, a = g.get_tensor("q_lens").tolist(), g.get_tensor("a_lens").tolist()
+        out, seq, ans, lab = [], 0, 0, 0
+        for Lq, La in zip(q, a):
+            out.append((k, seq, ans, lab, Lq, La))
+            seq, ans, lab = seq + Lq + La - 1, ans + La - 1, lab + La
+        return out
+
+    def __len__(self):
+        return len(self.where)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._rows()
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.meta["sample_ids"]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """{sample id: reason} of the samples the build left out."""
+        return {r["id"]: r["reason"] for r in self.meta.get("skipped", [])}
+
+    def _rows(self) -> dict[str, int]:
+        if self._row is None:
+            self._row = {sid: i for i, sid in enumerate(self.sample_ids)}
+        return self._row
+
+    def indices(self, ids: list[str]) -> list[int]:
+        """The cache rows of these sample ids; raises ValueError naming the ids the cache does not hold."""
+        rows = self._rows()
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            why = self.skipped
+            named = ", ".join(f"{i!r}" + (f" (skipped: {why[i]})" if i in why else "") for i in missing[:10])
+            raise ValueError(f"{self.path}: {len(missing)} sample(s) are not in the cache: {named}"
+                             + (" ..." if len(missing) > 10 else "") + "; leave them out of training or rebuild "
+                             "the cache over the same data")
+        return [rows[i] for i in ids]
+
+    def teacher_fn_for(self, ids: list[str]) -> Callable[[dict | None, torch.Tensor], TeacherOut]:
+        """`teacher_fn(t_batch, idx)` for a dataset whose sample i has id ids[i] (any order or subset of the
+        cached samples): dataset indices go through `indices(ids)`, resolved here once."""
+        rows = self.indices(ids)
+        return lambda t_batch, idx: self.teacher_out([rows[i] for i in idx.tolist()])
+
+    def check(self, samples: list[Sample]) -> None:
+        """Raise unless `samples` are the first cached ones, in the same order (then `teacher_fn` serves them;
+        any other order or subset is served by `teacher_fn_for`)."""
+        ids = [s.id for s in samples]
+        if ids != self.sample_ids[: len(ids)]:
+            bad = next(i for i, (a, b) in enumerate(zip(ids, self.sample_ids)) if a != b) if len(ids) <= len(self) else len(self)
+            raise ValueError(f"{self.path}: the training samples do not match the cache (first mismatch at index "
+                             f"{bad}); look samples up by id with `TeacherCache.teacher_fn_for(ids)`")
+
+    def head(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """The teacher's frozen head, rebuilt from head.safetensors (its stored dtype unless `dtype`)."""
+        with safe_open(str(self.path / "head.safetensors"), framework="pt") as f:
+            w = f.get_tensor("weight")
+            b = f.get_tensor("bias") if "bias" in f.keys() else None
+        dtype = dtype or w.dtype
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+        return lin
+
+    def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_q (Lq_l, d_l), z_a (La-1, d_l), z_pred (La, d_l), labels (La,)) of cache row i."""
+        k, seq, ans, lab, Lq, La = self.where[i]
+        f = self.files[k]
+        z = f.get_slice("z_seq")[seq: seq + Lq + La - 1].to(self.dtype)  # (Lq + La - 1, d_l)
+        labels = f.get_slice("labels")[lab: lab + La]
+        if self.meta["answer_input"] == "features":
+            return z[:Lq], z[Lq:], z[Lq - 1:], labels
+        return z[:Lq], f.get_slice("z_a")[ans: ans + La - 1].to(self.dtype), z[Lq - 1:], labels
+
+    def teacher_out(self, idx: torch.Tensor | list[int]) -> TeacherOut:
+        """The TeacherOut of a batch of cache rows, as `stages.teacher_forward` would give it."""
+        parts = [self.sample(int(i)) for i in idx]
+        return TeacherOut(z_q=[p[0] for p in parts], z_a=[p[1] for p in parts],
+                          z_pred=torch.cat([p[2] for p in parts]), labels=torch.cat([p[3] for p in parts]),
+                          a_lens=torch.tensor([len(p[3]) for p in parts]))
+
+    def teacher_fn(self, t_batch: dict | None, idx: torch.Tensor) -> TeacherOut:
+        """For `stages.train_stage(teacher_fn=...)` when dataset index = cache row (see `check`); otherwise
+        use `teacher_fn_for(ids)`. Ignores the (absent) teacher batch."""
+        return self.teacher_out(idx.tolist())
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def _init_distributed() -> None:
+    """Under `accelerate launch` / `torchrun` with several processes: torch.distributed (nccl on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _load_teacher(a) -> tuple[VLMView, nn.Linear]:
+    """The frozen teacher, placed for the build by the launch's backend (sharding.py): (view, head). Under the
+    FSDP or ZeRO-3 launch configs it is sharded across the processes (its body is then a collective: every process
+    runs the same number of forwards, see `build_cache`) and the head is a replicated copy; otherwise each process
+    holds it whole on its own device."""
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.scale.backends import get_backend
+    from minigenrecal.models.loading import teacher_loader
+    preset = get_preset(a.preset)
+    return get_backend().place_teacher(teacher_loader(preset, False, a.teacher_dir), preset.max_length)
+
+
+def _read_samples(a, skipped: list | None) -> tuple[list[Sample], dict]:
+    """The samples to cache (`--data` records, or the synthetic train split) and what meta.json says of them."""
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.data.llava import read_llava_json
+    if a.data:
+        samples = read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped)
+        return samples[: a.n] if a.n else samples, {"data": Path(a.data).name, "multi_turn": a.multi_turn}
+    from minigenrecal.models.presets import get_preset
+    n = a.n or get_preset(a.preset).n_train
+    return make_split(a.data_seed, "train", n), {"data_seed": a.data_seed, "split": "train"}

@@ -1,0 +1,258 @@
+"""`python -m minigenrecal train`: stages 1-3 for a preset, launchable by `accelerate launch`.
+
+    accelerate launch --config_file configs/single_gpu.yaml -m minigenrecal train --preset "smolvlm-256m<-qwen2-vl-2b" --data train.json
+    accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset "internvl2.5-8b<-internvl2.5-78b" --cache CACHE --data train.json
+    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --steps 1   # CPU, gloo
+
+Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
+runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON/JSONL. `--cache DIR`
+(from `cache-teacher` over the same samples) trains stages 1-2 without the teacher body: only its head is loaded.
+
+A sample that cannot be read or rendered is skipped and recorded (id and reason) in OUT/skipped.jsonl, and the
+count is printed; `--strict` fails on the first one instead.
+
+Checkpoints go to OUT/checkpoints every `--checkpoint-every` optimizer steps and at each stage's end;
+`--resume OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
+uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced the run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from minigenrecal.models.loading import load_student_only, teacher_loader
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: a DTensor's local shard, a ZeRO-3 partition, or the whole tensor."""
+    total = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict[str, torch.Tensor]:
+    """Gather the whole module (a collective: every rank calls this) and, on the main rank, write
+    OUT/student (weights, config, processor: loads with the Auto classes) and OUT/recalibrator.safetensors
+    (+ recalibrator.json), so a later launch can continue with `--recal-in OUT`. Returns the gathered state."""
+    from safetensors.torch import save_file
+    full = backend.full_state_dict(module)
+    if main:
+        sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
+        backend.acc.unwrap_model(module).student.save_pretrained(out / "student", state_dict=sd)
+        save_processor(student.processor, out / "student")
+        rec = {k[len("recal."):]: v.contiguous() for k, v in full.items() if k.startswith("recal.")}
+        if not rec and recal is not None:  # a stage-3-only launch: the Recalibrator did not train
+            rec = {k: v.detach().cpu().contiguous() for k, v in recal.state_dict().items()}
+        if rec:
+            save_file(rec, str(out / "recalibrator.safetensors"))
+            (out / "recalibrator.json").write_text(json.dumps({"d_l": recal.d_l, "depth": len(recal.blocks)}) + "\n")
+    return full
+
+
+def save_processor(processor, path: Path) -> None:
+    """The student's processor beside its weights, so `evaluate` loads both; a stand-in processor that transformers
+    cannot save (a tiny random instance's) leaves its tokenizer there and says so."""
+    if hasattr(processor, "save_pretrained"):
+        processor.save_pretrained(path)
+        return
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.save_pretrained(path)
+    print(f"note: {type(processor).__name__} is a stand-in processor with no save_pretrained: only its tokenizer was "
+          f"saved in {path}")
+
+
+def load_recal(recal, path: str | Path) -> None:
+    """Load OUT/recalibrator.safetensors of an earlier launch (stages as separate launches)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
+
+
+def lazy_data(a, acc, student, teacher, skipped: list | None):
+    """`--lazy` / `--stream`: this process's share of --data (record r to process r % P), nothing decoded up front;
+    each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
+    `--stream` reads it in order (JSONL: a process parses only its own lines)."""
+    from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
+    records = open_source(a.data, acc.process_index, acc.num_processes, a.image_root)
+    cls = StreamPairData if a.stream else LazyPairData
+    data = cls(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
+    return data
+
+
+def gather_lists(items: list, world: int) -> list:
+    """Every process's list, concatenated in process order, on every process."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def run(a) -> dict:
+    from minigenrecal.scale.checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.loop import Engine
+    from minigenrecal.scale.manifest import run_manifest, write_manifest
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.data.llava import read_llava_json
+    from minigenrecal.recalibrator import Recalibrator
+    from minigenrecal.scale.backends import end_launch, get_backend
+    from minigenrecal.loop import train_stage
+
+    preset = get_preset(a.preset)
+    backend = get_backend()
+    if backend.name != "accelerate" and a.resume:
+        raise ValueError(f"--resume is not supported under {backend.name}; run the remaining stages as a new launch "
+                         "with --stages and --recal-in OUT (each launch saves the gathered student and Recalibrator)")
+    lazy = bool(a.data) and (a.lazy or a.stream)
+    if lazy and a.cache:
+        raise ValueError("--cache looks every training sample up by id before training: use it without --lazy/--stream")
+    torch.manual_seed(a.seed)
+    skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
+    samples = ([] if lazy else read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
+               else make_split(a.data_seed, "train", a.n or preset.n_train))
+    teacher, cache = None, None
+    if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
+        from minigenrecal.scale.cache import TeacherCache
+        cache = TeacherCache(a.cache)
+        missing = [s for s in samples if s.id not in cache]
+        if missing and a.strict:
+            cache.indices([s.id for s in missing])  # raises, naming them and why the build left them out
+        for s in missing:
+            skipped.append({"id": s.id, "reason": "not in the teacher cache"
+                            + (f" (the build skipped it: {cache.skipped[s.id]})" if s.id in cache.skipped else "")})
+        samples = [s for s in samples if s.id in cache]
+        head, d_l = cache.head().to(backend.acc.device), cache.meta["d_l"]
+    else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
+        teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
+        d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
+    student = load_student_only(preset, a.tiny_random)
+    out = Path(a.out or (resolve_root(a.resume).parent if a.resume else "runs/train"))
+    ckpt = None
+    if a.resume:
+        ckpt = Checkpointer(resolve_root(a.resume), a.checkpoint_every, resume=True)
+        student = with_saved_tokenizer(student, ckpt)
+    elif a.checkpoint_every > 0 and not a.no_save and backend.name == "accelerate":
+        ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
+    from minigenrecal.data.pairs import encode_pairs, write_skip_report
+    data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
+    cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
+    torch.manual_seed(a.seed)
+    recal = Recalibrator(d_l, student.text_config, preset.depth)
+    if a.recal_in:
+        load_recal(recal, a.recal_in)
+    stages = [int(s) for s in a.stages.split(",")]
+    over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
+    cfgs = {stage: replace(preset.stages()[stage], **over) for stage in stages}
+    trains_recal = any(s in (1, 2) for s in stages)
+    engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
+    acc = engine.acc
+    probe = _Probe(a.state_out, backend, engine, teacher, head)
+    config = {k: v for k, v in vars(a).items() if k != "fn"}
+    manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
+                             "world_size": acc.num_processes, "backend": backend.name}, a.seed)
+    n = len(data) if hasattr(data, "__len__") else None  # a stream's length is not known up front
+    log = {"preset": preset.name, "world_size": acc.num_processes, "backend": backend.name, "manifest": manifest,
+           "stages": {}, "samples": n, "skipped": len(skipped or [])}
+    if acc.is_main_process:
+        if not a.no_save:
+            write_skip_report(out, skipped or [])
+        if lazy:
+            print(f"training on {'a stream of' if a.stream else f'{n} items of'} {a.data} (this process's share, "
+                  "decoded as batches are drawn); bad samples are counted at the end")
+        else:
+            print(f"training on {len(data)} samples; skipped {len(skipped or [])} bad sample(s)"
+                  + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
+    if acc.is_main_process and not a.no_save:
+        write_manifest(out, manifest)
+    probe.write(0)
+    _, hists = run_stages(cfgs, student, data, teacher, recal, engine=engine, teacher_head=head, teacher_fn=cache_fn,
+                          progress=not a.quiet, callbacks=[c for c in (ckpt, probe) if c is not None],
+                          max_skips=a.max_skips)
+    for stage, hist in hists.items():
+        log["stages"][stage] = {"seconds": hist[-1].get("stage_seconds"), "last": hist[-1], "history": hist,
+                                "skipped": sum(h.get("skipped", False) for h in hist)}
+    acc.wait_for_everyone()
+    if lazy:  # every process met its own bad samples: one report, in process order
+        skipped = gather_lists(skipped or [], acc.num_processes)
+        log["skipped"] = len(skipped)
+        if acc.is_main_process:
+            if not a.no_save:
+                write_skip_report(out, skipped)
+            print(f"skipped {len(skipped)} bad sample(s) while training"
+                  + (f", ids and reasons in {out / 'skipped.jsonl'}" if skipped and not a.no_save else ""))
+    if not a.no_save:
+        out.mkdir(parents=True, exist_ok=True)
+        full = save_outputs(backend, engine.module, student, recal, out, acc.is_main_process)
+        probe.saved(full)
+        if acc.is_main_process:
+            (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+    acc.wait_for_everyone()
+    end_launch()
+    return log
+
+
+class _Probe(Callback):
+    """`--state-out DIR` (for tests): after each stage every rank writes what the launch tests assert on,
+    `stage{S}-rank{R}.pt`: the gathered parameters (every rank under accelerate, rank 0 when sharded), the
+    teacher's bytes on this rank, the engine's identity and the trainable parameters' dtypes."""
+
+    def __init__(self, root, backend, engine, teacher, head):
+        self.root, self.backend, self.engine, self.teacher, self.head = root, backend, engine, teacher, head
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+
+    def _teacher(self) -> dict:
+        if self.teacher is None:
+            return {}
+        root = getattr(self.teacher, "root", None)
+        full = self.backend.full_state_dict(root) if root is not None else {}
+        return {"teacher_local_bytes": local_bytes(self.teacher.model),
+                "teacher_full": {k: v.detach().cpu() for k, v in full.items()},
+                "head": {"weight": self.head.weight.detach().cpu(),
+                         "bias": None if self.head.bias is None else self.head.bias.detach().cpu()},
+                "loaded_partitioned": getattr(self.backend, "teacher_loaded_partitioned", None),
+                "chunked": self._chunked()}
+
+    def _chunked(self) -> dict:
+        """The chunked CE/KL through the teacher's own (sharded) head and through the replicated copy."""
+        from minigenrecal.chunked import chunked_head_losses
+        lm = self.teacher.model.get_output_embeddings()
+        g = torch.Generator().manual_seed(0)
+        d, V = self.head.weight.shape[1], self.head.weight.shape[0]
+        h, z = (torch.randn(10, d, generator=g).to(self.head.weight.device) for _ in range(2))
+        y = torch.randint(0, V, (10,), generator=g).to(h.device)
+        out = {"h": h.cpu(), "z": z.cpu(), "y": y.cpu(),
+               "replicated": [x.item() for x in chunked_head_losses(h, z, y, self.head.weight, self.head.bias, 2.0, 3)]}
+        with gathered(lm.weight, lm.bias) as (w, b):
+            out["sharded"] = [x.item() for x in chunked_head_losses(h, z, y, w, b, 2.0, 3)]
+        return out
+
+    def write(self, stage: int, loss: float | None = None) -> None:
+        if not self.root:
+            return
+        full = {k: v.detach().cpu().float() for k, v in self.backend.full_state_dict(self.engine.module).items()}
+        trainable = {n: str(p.dtype) for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        rec = {"params": full, "loss": loss, "engine": id(self.engine.module), "engine_type": type(self.engine.module).__name__,
+               "trainable_dtypes": trainable, "master_dtype": self._master_dtype(), **self._teacher()}
+        torch.save(rec, Path(self.root) / f"stage{stage}-rank{self.backend.acc.process_index}.pt")
+
+    def _master_dtype(self) -> str:
+        flat = getattr(getattr(self.engine.module, "optimizer", None), "fp32_partitioned_groups_flat", None)
+        tensors = flat or [p for g in self.engine.inner.param_groups for p in g["params"]]
+        return ",".join(sorted({str(t.dtype) for t in tensors}))
+
+    def on_stage_end(self, st: LoopState) -> None:
+        self.write(st.stage, st.history[-1]["loss"])
+
+    def saved(self, full: dict) -> None:
+        if self.root and self.backend.acc.is_main_process:
+            torch.save({k: v.detach().cpu() for k, v in full.items()}, Path(self.root) / "saved_gathered.pt")
