@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from minigenrecal.models.families import FAMILIES, markdown_table
-from minigenrecal.cli.common import add_preset_option
 
 
 # -- the command of minigenrecal.models.families ------------------------------------------------------------------------

@@ -94,7 +94,6 @@ def cmd_cache_teacher(a):
 
 
 def add_cache_command(sub) -> None:
-    from minigenrecal.scale.launch import add_data_options
     c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the training samples and store its "
                                              "features (rerun the same command to resume an interrupted build)")
     add_preset_option(c)

@@ -10,7 +10,6 @@ from minigenrecal.study.reproduce import reproduce, verdict_lines
 from minigenrecal.study.reproduce import write_report as write_reproduce_report
 from minigenrecal.study.transfer import Plan, analyse, probe_budget, quick_plan, transfer, tune_lr, write_report
 from minigenrecal.study.warmstart import KINDS, train_warm_start
-from minigenrecal.cli.common import add_preset_option
 
 
 # -- the command of minigenrecal.study.reproduce ------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import json
 import sys
 
 from minigenrecal.teach.grading import SMOKE_ENV, exercise_names, grade_notebook, instructor_notebook, nbformat, only_exercises
-from minigenrecal.cli.common import add_preset_option
 
 
 # -- the command of minigenrecal.teach.grading --------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """The Sample type and the synthetic shape-VQA task: scenes, questions, their closed answer sets, label noise."""
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}

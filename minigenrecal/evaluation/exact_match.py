@@ -1,10 +1,9 @@
 """Exact-match evaluation of a VLM's greedy answers."""
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
-from minigenrecal.data.synthetic import Sample
+from minigenrecal.data.synthetic import Sample, normalize
 from minigenrecal.models.vlm import VLMView
 
 

@@ -20,15 +20,12 @@ candidate distribution against it: accuracy against the most likely answer, NLL 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from minigenrecal.data.synthetic import COLORS, NUMBERS, SHAPES, Sample, _count_phrase
+from minigenrecal.data.synthetic import Sample, candidates, gold_index, is_closed
 from minigenrecal.evaluation.exact_match import exact_match
-from minigenrecal.data.synthetic import normalize
 from minigenrecal.losses import answer_rows
 from minigenrecal.models.vlm import Encoded, VLMView
 

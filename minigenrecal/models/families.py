@@ -16,8 +16,10 @@ from typing import Callable
 
 import torch
 import transformers as tf
+from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
 
-from minigenrecal.models.tiny import CHATML, _finish, student_processor, train_tokenizer
+from minigenrecal.models.tiny import (CHATML, _finish, student_config, student_processor, teacher_config, teacher_processor,
+                                     train_tokenizer)
 
 
 # == processors ==================================================================================================

@@ -16,7 +16,6 @@ The teacher is shipped as a small checkpoint in `data_samples/tiny_teacher` (mad
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch

@@ -18,13 +18,14 @@ uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from minigenrecal.loop import Callback, LoopState, run_stages
 from minigenrecal.models.loading import load_student_only, teacher_loader
+from minigenrecal.scale.backends import gathered
 
 
 def local_bytes(model: torch.nn.Module) -> int:
@@ -105,7 +106,6 @@ def run(a) -> dict:
     from minigenrecal.data.llava import read_llava_json
     from minigenrecal.recalibrator import Recalibrator
     from minigenrecal.scale.backends import end_launch, get_backend
-    from minigenrecal.loop import train_stage
 
     preset = get_preset(a.preset)
     backend = get_backend()

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 

@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from minigenrecal.study.baselines import build_same_tokenizer_student, train_baseline
 from minigenrecal.scale.cache import TeacherCache, build_cache
@@ -32,7 +31,6 @@ from minigenrecal.models.presets import get_preset
 from minigenrecal.data.synthetic import make_split
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration
-from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
 from minigenrecal.stages import StageConfig
 from minigenrecal.models.vlm import VLMView

@@ -1,14 +1,12 @@
 """Training the shipped tiny teacher (`make-teacher`) and what a rebuild must match."""
 from __future__ import annotations
 
-import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from minigenrecal.models.tiny import TEACHER_DIR, build_teacher, load_teacher
+from minigenrecal.models.tiny import ROOT, TEACHER_DIR, build_teacher
 
 
 def _manifest(threads: int) -> dict:

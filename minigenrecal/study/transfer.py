@@ -37,7 +37,7 @@ from minigenrecal.study.baselines import train_baseline
 from minigenrecal.data.synthetic import Sample, label_noise, make_split
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.data.synthetic import normalize
-from minigenrecal.losses import answer_rows, head_losses
+from minigenrecal.losses import answer_rows
 from minigenrecal.evaluation.metrics import calibration, posterior_metrics
 from minigenrecal.data.synthetic import is_closed
 from minigenrecal.recalibrator import Recalibrator

@@ -20,7 +20,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Callable
 from unittest import mock
 
 import torch

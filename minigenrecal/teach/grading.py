@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import re
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
