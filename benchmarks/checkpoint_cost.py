@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_cost.py [--repeat 3]
 
 The shipped tiny teacher and the tiny student, the tiny preset's stage configs cut to 2 steps each; one checkpoint
-at each stage's end (`Checkpointer.save`: accelerate's save_state, state.json, the tokenizer, fsync, rename).
+at each stage's end (`Checkpointer.save`: state dicts, state.json, the tokenizer, fsync, rename).
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(referen
     assert r.returncode == -signal.SIGKILL
     ck = out / "checkpoints"
     partial = ck / ".tmp-stage2-step0000004"
-    assert (partial / "model.safetensors").exists() and not (partial / "state.json").exists()
+    assert (partial / "module.pt").exists() and not (partial / "state.json").exists()
     assert [p.name for p in complete_checkpoints(ck)] == ["stage2-step0000002"]  # the previous one survived
     r = train(out, "--checkpoint-every", "2", "--resume", str(ck))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -160,7 +160,8 @@ def test_a_non_finite_gradient_skips_the_step(pair_data):
 
 def test_k_non_finite_steps_in_a_row_stop_the_run_naming_the_samples(pair_data):
     from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.stages import NonFiniteError, StageConfig
+    from minigenrecal.loop import NonFiniteError
+    from minigenrecal.stages import StageConfig
     from minigenrecal.loop import train_stage
     teacher, student, data = pair_data
     recal = Recalibrator(teacher.d, student.text_config)

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    import os
+    import torch
+    if not torch.cuda.is_available():  # accelerate imports DeepSpeed when installed; it would warn on every command
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet()
     a = build_parser().parse_args(argv)
     a.fn(a)

@@ -23,7 +23,7 @@ Decisions:
 - **Images** are decoded when a sample is accessed, one per sample (per record in a stream). A `datasets` Image
   column is read undecoded (`Image(decode=False)`) and decoded here, so that `to_rgb` converts it faithfully.
 - **Bad samples** are never dropped silently. A record that cannot be read or a sample that either side cannot
-  render is recorded once, as {"id": ..., "reason": ...} (the format of `pipeline.skip_record`; a record's id
+  render is recorded once, as {"id": ..., "reason": ...} (the format of `llava.skip_entry`; a record's id
   when the record is bad, the sample's `<id>#<k>` when rendering fails), in the dataset's `skipped` list, which
   the caller writes out (`pipeline.write_skip_report`). With `strict=True` it raises the SampleError instead.
   A map-style item that fails is replaced by the next good item after it (wrapping around), so batches keep
@@ -32,7 +32,7 @@ Decisions:
   names it); in a `datasets` stream, where that index is unknown, `<name>[<rank>.<j>]` (its j-th record on that
   rank). Relative image paths start at `image_root` (default: the data file's folder, else the current folder).
 - **Processes.** `skipped` and a stream's `sample_id` live in the process that reads the data: load in the main
-  process (`num_workers=0`, as `stages.train_stage` does). DataLoader workers still read disjoint parts of a
+  process (`num_workers=0`, as `loop.train_stage` does). DataLoader workers still read disjoint parts of a
   stream, but their skip records stay in the workers.
 """
 from __future__ import annotations

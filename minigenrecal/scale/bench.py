@@ -174,7 +174,7 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     gated MLP's three ffn-wide tensors, fp32 norm inputs). Teacher-head loss: chunked, two (N, d_l) fp32 gradients per
     path plus three (chunk, V_l) fp32 buffers; naive, about eight (N, V_l) fp32 tensors per path. + 1 GiB for the CUDA
     context and allocator slack.
-    `master_fp32` (what `train` does, engine.py): each trainable parameter also keeps an fp32 master copy, an fp32
+    `master_fp32` (what `train` does, loop.py): each trainable parameter also keeps an fp32 master copy, an fp32
     gradient and two fp32 AdamW states (16 bytes, sharded) instead of gradient + states in the weights' dtype, and
     from stage 1 on, since one engine serves the whole run (ZeRO-3 allocates them at start-up).
     """

@@ -341,7 +341,7 @@ class _BatchRunner:
         self.filler = _Filler(teacher, samples)
 
     def __call__(self, j: int | None, writer: _ShardWriter) -> None:
-        from minigenrecal.data.pairs import skip_record
+        from minigenrecal.data.llava import skip_entry
         from minigenrecal.stages import teacher_forward
         positions = range(j * self.B, min((j + 1) * self.B, len(self.samples))) if j is not None else range(0)
         encs, order = [], []  # order: (input position, index into encs or a skip record)
@@ -352,7 +352,7 @@ class _BatchRunner:
             except SampleError as e:
                 if not self.skip_bad:
                     raise
-                order.append((p, skip_record(self.samples[p], e)))
+                order.append((p, skip_entry(self.samples[p].id, e)))
         dev = _device(self.teacher)
         batch = {k: v.to(dev) for k, v in self.teacher.collate(encs or self.filler.get()).items()}
         t = teacher_forward(self.teacher, batch, self.answer_input)
@@ -562,7 +562,7 @@ class TeacherCache:
                           a_lens=torch.tensor([len(p[3]) for p in parts]))
 
     def teacher_fn(self, t_batch: dict | None, idx: torch.Tensor) -> TeacherOut:
-        """For `stages.train_stage(teacher_fn=...)` when dataset index = cache row (see `check`); otherwise
+        """For `loop.train_stage(teacher_fn=...)` when dataset index = cache row (see `check`); otherwise
         use `teacher_fn_for(ids)`. Ignores the (absent) teacher batch."""
         return self.teacher_out(idx.tolist())
 
@@ -577,7 +577,7 @@ def _init_distributed() -> None:
 
 
 def _load_teacher(a) -> tuple[VLMView, nn.Linear]:
-    """The frozen teacher, placed for the build by the launch's backend (sharding.py): (view, head). Under the
+    """The frozen teacher, placed for the build by the launch's backend (scale/backends.py): (view, head). Under the
     FSDP or ZeRO-3 launch configs it is sharded across the processes (its body is then a collective: every process
     runs the same number of forwards, see `build_cache`) and the head is a replicated copy; otherwise each process
     holds it whole on its own device."""

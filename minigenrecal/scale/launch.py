@@ -156,7 +156,7 @@ def run(a) -> dict:
     engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
     acc = engine.acc
     probe = _Probe(a.state_out, backend, engine, teacher, head)
-    config = {k: v for k, v in vars(a).items() if k != "fn"}
+    config = {k: (v.name if k == "preset" and hasattr(v, "name") else v) for k, v in vars(a).items() if k != "fn"}
     manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
                              "world_size": acc.num_processes, "backend": backend.name}, a.seed)
     n = len(data) if hasattr(data, "__len__") else None  # a stream's length is not known up front
