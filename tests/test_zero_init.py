@@ -1,7 +1,7 @@
 """The ZeRO-3 teacher is built under `deepspeed.zero.Init`; a transformers modeling module first imported inside it
 loses the `__init__` of kernels' `use_kernelized_func` decorator and keeps its `forward`, so the next instance built
 outside fails with "'LlamaAttention' object has no attribute '_kernel_funcs'" (transformers >= 5.25 with `kernels`).
-`sharding.import_modeling_modules` imports every modeling module of the configs first (docs/scaling.md)."""
+`scale.backends.import_modeling_modules` imports every modeling module of the configs first (docs/scaling.md)."""
 import os
 import subprocess
 import sys

@@ -1,15 +1,15 @@
 """Commands of the scale-up room: train (the launch), cache-teacher, bench."""
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 import json
-import torch
-import torch.distributed as dist
 
-from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
-from minigenrecal.scale.cache import _init_distributed, _load_teacher, _rank_world, _read_samples, build_cache, estimate_size, format_estimate, parse_bytes
-from minigenrecal.scale.launch import run
+import torch
+
 from minigenrecal.cli.common import add_preset_option
+from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
+from minigenrecal.scale.cache import cache_teacher
+from minigenrecal.scale.launch import run
 
 
 # -- the command of minigenrecal.scale.launch ---------------------------------------------------------------------------
@@ -57,42 +57,12 @@ def add_launch_command(sub) -> None:
                    help="continue from the latest complete checkpoint of a run (its OUT, or OUT/checkpoints)")
     t.add_argument("--max-skips", type=int, default=3,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    t.add_argument("--state-out", default=None, help=argparse_hidden())
+    t.add_argument("--state-out", default=None, help=argparse.SUPPRESS)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=run)
 
 
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
-
-
 # -- the command of minigenrecal.scale.cache ----------------------------------------------------------------------------
-def cmd_cache_teacher(a):
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.data.pairs import write_skip_report
-    _init_distributed()
-    rank, world = _rank_world()
-    preset = get_preset(a.preset)
-    skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
-    samples, about = _read_samples(a, skipped)
-    teacher, head = _load_teacher(a)
-    kw = dict(batch_size=a.batch_size, dtype=a.dtype, answer_input=a.answer_input, shard_bytes=parse_bytes(a.shard_bytes))
-    if rank == 0:
-        print(format_estimate(estimate_size(teacher, samples, head=head, world_size=world, **kw)), flush=True)
-    meta = build_cache(teacher, samples, a.out, head=head, progress=True, skip_bad=not a.strict, skipped=skipped,
-                       info={"preset": preset.name, "teacher": preset.teacher, **about}, **kw)
-    if rank == 0:
-        write_skip_report(a.out, meta["skipped"])
-        written = sum(f.stat().st_size for f in Path(a.out).iterdir() if f.is_file())
-        print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
-              f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
-        print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
-    from minigenrecal.scale.backends import end_launch
-    if not end_launch() and dist.is_initialized():  # a sharded teacher's launch tears itself down; DDP's here
-        dist.destroy_process_group()
-
-
 def add_cache_command(sub) -> None:
     c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the training samples and store its "
                                              "features (rerun the same command to resume an interrupted build)")
@@ -109,7 +79,7 @@ def add_cache_command(sub) -> None:
     c.add_argument("--answer-input", default="features", choices=["features", "embeddings"],
                    help="what the Recalibrator reads at answer positions: teacher features or answer embeddings")
     c.add_argument("--teacher-dir", default=None, help="tiny preset: a teacher checkpoint other than the shipped one")
-    c.set_defaults(fn=cmd_cache_teacher)
+    c.set_defaults(fn=cache_teacher)
 
 
 # -- the command of minigenrecal.scale.bench ----------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Commands of the studies: reproduce, transfer, warm-start."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
-import json
+
 import torch
 
-from minigenrecal.study.reproduce import reproduce, verdict_lines
-from minigenrecal.study.reproduce import write_report as write_reproduce_report
+from minigenrecal.study.reproduce import reproduce, verdict_lines, write_report as write_reproduce_report
 from minigenrecal.study.transfer import Plan, analyse, probe_budget, quick_plan, transfer, tune_lr, write_report
 from minigenrecal.study.warmstart import KINDS, train_warm_start
 

@@ -1,11 +1,13 @@
 """Commands for course staff: grade, assignment."""
 from __future__ import annotations
 
-from pathlib import Path
 import json
 import sys
+from pathlib import Path
 
-from minigenrecal.teach.grading import SMOKE_ENV, exercise_names, grade_notebook, instructor_notebook, nbformat, only_exercises
+import nbformat
+
+from minigenrecal.teach.grading import SMOKE_ENV, exercise_names, grade_notebook, instructor_notebook, only_exercises
 
 
 # -- the command of minigenrecal.teach.grading --------------------------------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minigenrecal.data.synthetic import Sample
 from minigenrecal.data.llava import SampleError, skip_entry
+from minigenrecal.data.synthetic import Sample
 from minigenrecal.loop import PairData
 
 

@@ -1,7 +1,7 @@
 """Training data read lazily: records from a file or a `datasets` dataset, one rank's share, images decoded per item.
 
     source = open_source("train.jsonl", rank=acc.process_index, world_size=acc.num_processes)
-    data = LazyPairData(source, student, teacher)           # map-style: a drop-in for stages.PairData
+    data = LazyPairData(source, student, teacher)           # map-style: a drop-in for loop.PairData
     data = StreamPairData(open_source(streamed_ds, rank=r, world_size=w), student, teacher)   # a stream
 
 Sources (`open_source`): a LLaVA conversation `.json` list, a `.jsonl`/`.ndjson` file (one record per line), a
@@ -27,7 +27,7 @@ Decisions:
   when the record is bad, the sample's `<id>#<k>` when rendering fails), in the dataset's `skipped` list, which
   the caller writes out (`pipeline.write_skip_report`). With `strict=True` it raises the SampleError instead.
   A map-style item that fails is replaced by the next good item after it (wrapping around), so batches keep
-  their size and `stages.make_collate` needs no change; a stream simply does not yield it.
+  their size and `loop.make_collate` needs no change; a stream simply does not yield it.
 - **Ids.** A record without an id is named `<name>[r]` (r: its index in the whole source, as `read_llava_json`
   names it); in a `datasets` stream, where that index is unknown, `<name>[<rank>.<j>]` (its j-th record on that
   rank). Relative image paths start at `image_root` (default: the data file's folder, else the current folder).
@@ -372,7 +372,7 @@ def _encode(student: View, teacher: View | None, s: Sample) -> tuple:
 
 class LazyPairData(RankLocal):
     """Map-style: `[i] -> (student Encoded, teacher Encoded or None, index)`, read, decoded and encoded on access,
-    like `stages.PairData` (use `stages.make_collate`). A bad item is recorded in `skipped` (or raised when
+    like `loop.PairData` (use `loop.make_collate`). A bad item is recorded in `skipped` (or raised when
     `strict`) and the next good item after it is returned instead, with its own index."""
 
     def __init__(self, records: MapRecords, student: View, teacher: View | None = None, *,

@@ -14,7 +14,7 @@ Every question of the synthetic task has a small closed set of possible answers,
 
 Each model scores each candidate's full answer sequence (its own answer tokens + end-of-turn) given the question
 and the image; a softmax over the candidates' sequence log-probabilities is that model's answer distribution.
-Exact match (greedy decoding) lives in `evaluate.exact_match` and is re-exported here.
+Exact match (greedy decoding) lives in `evaluation.exact_match` and is re-exported here.
 Where the true posterior is known (`make_split(..., task="posterior")`), `posterior_metrics` scores a model's
 candidate distribution against it: accuracy against the most likely answer, NLL and JSD.
 """

@@ -12,9 +12,8 @@ hub id or by a local directory's config.json, builds with the table's own tiny b
 """
 from __future__ import annotations
 
+from minigenrecal.models.families import FAMILIES, build_tiny_vlm, family_of_type, model_type_of_dir
 from minigenrecal.models.presets import Preset
-from minigenrecal.models.families import FAMILIES, family_of_type, model_type_of_dir
-from minigenrecal.models.families import build_tiny_vlm
 from minigenrecal.models.vlm import VLMView
 
 TINY_VLM_FAMILIES = ("llava", "idefics3", "qwen2vl", "internvl")  # built by families.build_tiny_vlm

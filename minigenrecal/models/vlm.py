@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal.data.synthetic import Sample
 from minigenrecal.data.llava import SampleError, to_rgb  # SampleError: a sample that cannot be used, named in the message
-from minigenrecal.models.families import Family, SimpleProcessor, family_of_model  # noqa: F401 (SimpleProcessor re-exported)
+from minigenrecal.data.synthetic import Sample
 from minigenrecal.losses import answer_rows
+from minigenrecal.models.families import Family, family_of_model
 
 
 @dataclass

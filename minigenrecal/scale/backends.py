@@ -2,7 +2,7 @@
 
 `accelerate launch --config_file configs/<name>.yaml -m minigenrecal train ...` picks the backend:
 
-| launch config | backend | student + Recalibrator (one module, `engine.Engine`) | frozen teacher |
+| launch config | backend | student + Recalibrator (one module, `loop.Engine`) | frozen teacher |
 |---|---|---|---|
 | single_gpu / ddp / none | `accelerate` | accelerate's `prepare` (DDP across processes) | replicated on every process |
 | fsdp.yaml | `fsdp` | FSDP2 `fully_shard` per decoder layer + root, fp32 master, bf16 compute on CUDA | FSDP2-sharded for inference, no optimizer |

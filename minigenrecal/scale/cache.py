@@ -38,8 +38,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minigenrecal.data.synthetic import Sample
 from minigenrecal.data.llava import SampleError
+from minigenrecal.data.synthetic import Sample
 from minigenrecal.losses import TeacherOut
 from minigenrecal.models.vlm import VLMView
 
@@ -598,3 +598,30 @@ def _read_samples(a, skipped: list | None) -> tuple[list[Sample], dict]:
     from minigenrecal.models.presets import get_preset
     n = a.n or get_preset(a.preset).n_train
     return make_split(a.data_seed, "train", n), {"data_seed": a.data_seed, "split": "train"}
+
+
+def cache_teacher(a) -> None:
+    """`cache-teacher`: the preset's teacher once over the samples (`a` is the command's namespace), one shard file
+    per `shard_bytes`, resumable; bad samples skipped and recorded in OUT/skipped.jsonl (or fatal with --strict)."""
+    from minigenrecal.data.pairs import write_skip_report
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.scale.backends import end_launch
+    _init_distributed()
+    rank, world = _rank_world()
+    preset = get_preset(a.preset)
+    skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
+    samples, about = _read_samples(a, skipped)
+    teacher, head = _load_teacher(a)
+    kw = dict(batch_size=a.batch_size, dtype=a.dtype, answer_input=a.answer_input, shard_bytes=parse_bytes(a.shard_bytes))
+    if rank == 0:
+        print(format_estimate(estimate_size(teacher, samples, head=head, world_size=world, **kw)), flush=True)
+    meta = build_cache(teacher, samples, a.out, head=head, progress=True, skip_bad=not a.strict, skipped=skipped,
+                       info={"preset": preset.name, "teacher": preset.teacher, **about}, **kw)
+    if rank == 0:
+        write_skip_report(a.out, meta["skipped"])
+        written = sum(f.stat().st_size for f in Path(a.out).iterdir() if f.is_file())
+        print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
+              f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
+        print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
+    if not end_launch() and dist.is_initialized():  # a sharded teacher's launch tears itself down; DDP's here
+        dist.destroy_process_group()

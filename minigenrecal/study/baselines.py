@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal.losses import TeacherOut, answer_rows, head_losses, kl_from_logits
 from minigenrecal.loop import Engine, PairData, train_stage
-from minigenrecal.stages import StageConfig, teacher_forward
+from minigenrecal.losses import TeacherOut, answer_rows, head_losses, kl_from_logits
 from minigenrecal.models.vlm import VLMView
+from minigenrecal.stages import StageConfig, teacher_forward
 
 METHODS = ("same_tokenizer_kd", "uld", "linear_projector")
 

@@ -7,14 +7,14 @@ from dataclasses import asdict
 
 import torch
 
-from minigenrecal.models.presets import Preset
+from minigenrecal.data.pairs import as_samples, encode_pairs, write_skip_report
 from minigenrecal.data.synthetic import Sample, make_split
 from minigenrecal.evaluation.exact_match import exact_match
-from minigenrecal.scale.checkpoint import Checkpointer
-from minigenrecal.data.pairs import as_samples, encode_pairs, write_skip_report
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
-from minigenrecal.stages import StageConfig
+from minigenrecal.models.presets import Preset
 from minigenrecal.models.vlm import VLMView
+from minigenrecal.scale.checkpoint import Checkpointer
+from minigenrecal.stages import StageConfig
 
 
 def load_pair(preset: Preset, student_seed: int = 0) -> tuple[VLMView, VLMView]:

@@ -25,15 +25,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
-from minigenrecal.study.baselines import build_same_tokenizer_student, train_baseline
-from minigenrecal.scale.cache import TeacherCache, build_cache
-from minigenrecal.models.presets import get_preset
 from minigenrecal.data.synthetic import make_split
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
-from minigenrecal.stages import StageConfig
+from minigenrecal.models.presets import get_preset
 from minigenrecal.models.vlm import VLMView
+from minigenrecal.scale.cache import TeacherCache, build_cache
+from minigenrecal.stages import StageConfig
+from minigenrecal.study.baselines import build_same_tokenizer_student, train_baseline
 
 DATA_SEED = 0
 MAIN_ROWS = ["teacher", "student_untrained", "sft", "same_tokenizer_kd", "uld", "linear_projector", "genrecal",

@@ -20,31 +20,27 @@ each GenRecal run at the end of stage 1 and of stage 2.
 """
 from __future__ import annotations
 
-import warnings
-
-import transformers
-
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
-from minigenrecal.study.baselines import train_baseline
-from minigenrecal.data.synthetic import Sample, label_noise, make_split
+from minigenrecal.data.synthetic import Sample, is_closed, label_noise, make_split, normalize
 from minigenrecal.evaluation.exact_match import exact_match
-from minigenrecal.data.synthetic import normalize
-from minigenrecal.losses import answer_rows
 from minigenrecal.evaluation.metrics import calibration, posterior_metrics
-from minigenrecal.data.synthetic import is_closed
+from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
+from minigenrecal.losses import answer_rows
+from minigenrecal.models.vlm import VLMView
 from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
-from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
-from minigenrecal.models.vlm import VLMView
 from minigenrecal.study import stats
+from minigenrecal.study.baselines import train_baseline
 from minigenrecal.study.warmstart import load_warm_start
 
 DATA_SEED = 0

@@ -17,10 +17,10 @@ import torch
 from minigenrecal.data.synthetic import make_caption_pool
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.loop import PairData, train_stage
-from minigenrecal.stages import StageConfig
 from minigenrecal.models.tiny import ROOT, build_student
-from minigenrecal.study.teacher import _manifest, weights_digest
 from minigenrecal.models.vlm import VLMView
+from minigenrecal.stages import StageConfig
+from minigenrecal.study.teacher import _manifest, weights_digest
 
 KINDS = ("cross_tokenizer", "same_tokenizer")
 WARM_DIR = ROOT / "data_samples" / "warm_start"
