@@ -31,8 +31,9 @@ def _version(name: str) -> str | None:
         return None
 
 
-def git_state() -> dict:
-    """The commit of the source tree this package runs from, and whether it has uncommitted changes."""
+def git_state(*paths: str) -> dict:
+    """The commit of the source tree this package runs from, and whether it has uncommitted changes (in `paths`,
+    relative to the repository root, when given; anywhere in the tracked tree otherwise)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return {"commit": None, "dirty": None}
@@ -40,7 +41,7 @@ def git_state() -> dict:
         def git(*args):
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         return {"commit": git("rev-parse", "HEAD") or None,
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", *paths))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -62,6 +63,11 @@ def lock_state(lock: Path = LOCK) -> dict:
             "differs_from_lock": differs}
 
 
+def versions() -> dict:
+    """Python's version and those of the packages that change a result (None where one is not installed)."""
+    return {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}}
+
+
 def device_info() -> dict:
     if torch.cuda.is_available():
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
@@ -75,7 +81,7 @@ def run_manifest(config: dict, seed) -> dict:
     return {
         "config": json.loads(json.dumps(config, default=str)),
         "seed": seed,
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "versions": versions(),
         "environment": lock_state(),
         "git": git_state(),
         "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),

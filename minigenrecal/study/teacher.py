@@ -7,29 +7,15 @@ from pathlib import Path
 import torch
 
 from minigenrecal.models.tiny import ROOT, TEACHER_DIR, build_teacher
+from minigenrecal.scale.manifest import git_state, versions
 
 
-def _manifest(threads: int) -> dict:
-    """What a rebuild needs to match: thread count, CPU kernels, package versions and the code's git commit."""
-    import importlib.metadata as md
-    import platform
-    import subprocess
-
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "tokenizers", "accelerate", "numpy", "pillow"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    try:
-        commit = git("rev-parse", "HEAD").stdout.strip() or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "minigenrecal").stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    cpu = torch.backends.cpu.get_cpu_capability()  # the kernels' instruction set: it also changes the exact floats
-    return {"threads": threads, "cpu_capability": cpu, "versions": versions, "git_commit": commit,
-            "package_code_modified": dirty}
+def build_record(threads: int) -> dict:
+    """What a rebuild needs to match: thread count, CPU kernels, package versions, and the git commit with whether
+    the package's code differed from it (scale/manifest.py's pieces, flat, as `training.json` stores them)."""
+    git = git_state("minigenrecal")
+    return {"threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": versions(),
+            "git_commit": git["commit"], "package_code_modified": git["dirty"]}
 
 
 def weights_digest(model) -> str:
@@ -134,6 +120,6 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
             "steps": steps, "n_train": n_train, "batch_size": batch_size, "lr": lr, "lr_end": lr_end,
             "warmup": warmup, "vision_lr_scale": vision_lr_scale, "seed": seed, "final_loss": hist[-1]["loss"],
             "weights_sha256": digest, "seconds": round(time.time() - t0, 1),
-            "cpu_seconds": round(time.process_time() - cpu0, 1), **_manifest(threads), **extra}
+            "cpu_seconds": round(time.process_time() - cpu0, 1), **build_record(threads), **extra}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -20,7 +20,7 @@ from minigenrecal.loop import PairData, train_stage
 from minigenrecal.models.tiny import ROOT, build_student
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.stages import StageConfig
-from minigenrecal.study.teacher import _manifest, weights_digest
+from minigenrecal.study.teacher import build_record, weights_digest
 
 KINDS = ("cross_tokenizer", "same_tokenizer")
 WARM_DIR = ROOT / "data_samples" / "warm_start"
@@ -58,7 +58,7 @@ def train_warm_start(kind: str, out: str | Path | None = None, n: int = 12000, s
                        f"--threads {threads}", "kind": kind, "n_captions": n, "steps": steps, "batch_size": batch_size,
             "lr": lr, "lr_end": lr_end, "warmup": warmup, "seed": seed, "final_loss": hist[-1]["loss"],
             "held_out_caption_exact_match": acc, "weights_sha256": weights_digest(model),
-            "seconds": round(time.time() - t0, 1), **_manifest(threads)}
+            "seconds": round(time.time() - t0, 1), **build_record(threads)}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"warm start {kind}: held-out caption exact match {acc:.3f} ({info['seconds']:.0f} s)")
     return info
