@@ -80,7 +80,7 @@ def test_the_crossed_interval_covers_at_the_studys_variance_structure(case, seed
     gap (the study's rows measure 0-17). Coverage of the 95% interval over 1500 seeded studies must lie in
     [0.933, 0.975]: the lower end is 3 binomial sds under 95% (an interval that undercovers fails); the upper end
     allows the conservatism of dropping a negative seed variance, which 6 seeds cannot tell from a small positive
-    one (about 96-97% with no seed effect; the two-level bootstrap's intervals, 40% too wide, cover ~99.5%).
+    one (about 96-97% with no seed effect, docs/method.md).
     The standard error must track the true spread of the estimate within [0.9, 1.2]."""
     rng = np.random.default_rng(20)
     gap, hits, naive, ses, diffs = 0.011, 0, 0, [], []
