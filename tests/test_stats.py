@@ -98,6 +98,21 @@ def test_the_crossed_interval_covers_at_the_studys_variance_structure(case, seed
         assert naive / SIMS < 0.7, naive / SIMS
 
 
+def test_the_fraction_recovered_has_fieller_ends_that_the_crossed_test_just_accepts():
+    rng = np.random.default_rng(3)
+    ctl = simulate(rng, 1, 6, 2000, 0.20, 0.40, 0.02, 0.1)[0]  # a control gaining 20 points
+    part = simulate(rng, 1, 6, 2000, 0.05, 0.30, 0.02, 0.1)[0]  # a method gaining 5
+    r = stats.ratio_interval(part, ctl)
+    lo, hi = r["ci95"]
+    assert r["ratio"] == pytest.approx(part.mean() / ctl.mean()) and lo < r["ratio"] < hi
+    for end in (lo, hi):  # at each end the crossed interval of part - R * ctl just touches 0
+        just_in = stats.crossed_interval(part - end * ctl, np.zeros_like(ctl))["ci95"]
+        assert min(abs(just_in[0]), abs(just_in[1])) < 1e-6
+    assert 0.1 < lo and hi < 0.45  # the truth, 0.25, inside an interval of sensible width
+    noise = simulate(rng, 1, 6, 2000, 0.0, 0.30, 0.02, 0.1)[0]  # a denominator with nothing in it
+    assert None in stats.ratio_interval(part, noise)["ci95"]
+
+
 # -- planning and verdicts ---------------------------------------------------------------------------------------------
 def test_planned_mde_adds_the_item_component():
     S, N, disc, s_sd, i_sd = 6, 2000, 0.30, 0.02, 0.08

@@ -74,6 +74,7 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     assert got == {(r, m, s) for r, m in noise + post for s in (0, 1)}
     for r in res["rows"]:
         assert len(r["correct"]) == plan.n_test and r["accuracy"] == r["correct"].count("1") / plan.n_test
+        assert 0 <= r["ece"] <= 1  # kept for the paper's ECE claim
         if r["regime"] == "posterior":
             assert r["posterior_nll"] > 0 and 0 <= r["posterior_jsd"] <= 0.7
         for d in ([r["diagnosis"]] if r["method"] == "genrecal_after_stage2" else r.get("diagnosis", {}).values()):

@@ -139,6 +139,33 @@ def crossed_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
             **{k: c[k] for k in ("sd_seed", "sd_item", "sd_residual")}}
 
 
+def ratio_interval(num: np.ndarray, den: np.ndarray, level: float = 0.95, bound: float = 10.0) -> dict:
+    """mean(num) / mean(den) for two (seeds, items) difference matrices on the same seeds and items (e.g. what
+    GenRecal gains over SFT, over what logit KD gains over its control), with Fieller's interval under the crossed
+    model: every R for which num - R * den has a mean that the crossed t test does not reject at 1 - level.
+    An end that does not close within +-`bound` is None (the denominator's interval reaches 0)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"numerator and denominator differ in shape: {num.shape} vs {den.shape}")
+    r_hat = float(num.mean() / den.mean())
+
+    def inside(r: float) -> bool:
+        c = crossed_interval(num - r * den, np.zeros_like(num), level)
+        return c[f"ci{round(100 * level)}"][0] <= 0 <= c[f"ci{round(100 * level)}"][1]
+
+    ends = []
+    for far in (-bound, bound):
+        if inside(far):
+            ends.append(None)
+            continue
+        lo, hi = r_hat, far  # inside at r_hat, outside at far
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if inside(mid) else (lo, mid)
+        ends.append((lo + hi) / 2)
+    return {"ratio": r_hat, f"ci{round(100 * level)}": ends}
+
+
 def mde(se: float, df: float) -> float:
     """Smallest true gap detected with 80% power by a two-sided 5% t test whose standard error is `se`."""
     return (t_ppf(1 - ALPHA / 2, df) + t_ppf(POWER, df)) * se
