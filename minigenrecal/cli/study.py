@@ -65,7 +65,9 @@ def add_transfer_command(sub) -> None:
                    help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
                    help="instead of the study: SFT at these peak LRs on val (with --eval-split val), pick the best")
-    r.add_argument("--report-only", action="store_true", help="re-render README.md and the plot from transfer.json")
+    r.add_argument("--report-only", action="store_true",
+                   help="recompute the analysis (intervals, verdicts) from the rows in transfer.json and re-render "
+                        "README.md and the plots; nothing is retrained")
     r.add_argument("--probe-budget", type=int, nargs="+", default=None, metavar="STEPS",
                    help="instead of the study: SFT at these student-step budgets on val (with --eval-split val), "
                         "at noise 0 and the headline noise; writes OUT/val_budget.json")

@@ -46,8 +46,11 @@ from minigenrecal.study.warmstart import load_warm_start
 DATA_SEED = 0
 TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher"
 POSTERIOR_TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher_posterior"
-PLANNED_DISCORDANCE, PLANNED_SEED_SD = 0.30, 0.02  # assumed before the test run (the report states them)
-PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, docs/method.md): the yardstick for "testable here"
+PLANNED_DISCORDANCE, PLANNED_SEED_SD = 0.30, 0.02  # assumed before the first test run (the report states them)
+PLANNED_ITEM_SD = 0.10  # added to the plan after the first run: the item component measured there (0-11 points for
+#                         GenRecal and its variants against SFT), since the same test items repeat across seeds
+PAPER_GAP = 0.072  # GenRecal - SFT in the paper (76.4 - 69.2, docs/method.md): shown beside each verdict for reference
+CONTROL_FRACTION = 0.25  # the toy's yardstick: a method "transfers" if it recovers a quarter of logit KD's gain
 TERMS = ("ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
 VARIANTS = {  # all run at the headline noise level; none is the paper's own method
     "genrecal_recal_frozen": {"train_recal": False},  # stage 2 cannot move the reader: the student must move
@@ -140,7 +143,8 @@ def build_context(plan: Plan, task: str = "shapes") -> Context:
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
 def evaluate(view: VLMView, ctx: Context, trained_on: list[Sample]) -> dict:
-    """Per-item correctness on test, accuracy, JSD to the teacher, and training-set accuracy (own labels / clean)."""
+    """Per-item correctness on test, accuracy, JSD to the teacher, ECE, and training-set accuracy (own labels /
+    clean)."""
     pred = exact_match(view, ctx.test)["predictions"]
     correct = "".join("1" if normalize(p) == normalize(s.answer) else "0" for p, s in zip(pred, ctx.test))
     k = ctx.plan.n_train_eval
@@ -149,6 +153,7 @@ def evaluate(view: VLMView, ctx: Context, trained_on: list[Sample]) -> dict:
     clean = np.mean([normalize(p) == normalize(s.answer) for p, s in zip(tr_pred, ctx.train[:k])])
     cal = calibration(view, ctx.dist_items, ctx.teacher_dists)
     out = {"accuracy": correct.count("1") / len(correct), "correct": correct, "jsd_teacher": cal["jsd"],
+           "ece": cal["ece"],  # over the closed questions' candidate sets; rows run before it was kept lack it
            "train_acc_own_labels": float(own), "train_acc_clean_labels": float(clean)}
     if ctx.task == "posterior":  # against the true posterior: expected NLL of a label drawn from it, and JSD
         post = posterior_metrics(None, ctx.dist_items, cal["dists"])
@@ -487,7 +492,8 @@ def analyse(result: dict) -> dict:
         acc = [x["accuracy"] for x in rs]
         summary[key] = {"accuracy_mean": float(np.mean(acc)), "accuracy_sd": float(np.std(acc, ddof=1)) if len(acc) > 1
                         else 0.0, "seeds": len(rs)}
-        for k in ("jsd_teacher", "train_acc_own_labels", "train_acc_clean_labels", "posterior_nll", "posterior_jsd"):
+        for k in ("jsd_teacher", "ece", "train_acc_own_labels", "train_acc_clean_labels", "posterior_nll",
+                  "posterior_jsd"):
             if k in rs[0]:
                 summary[key][k] = float(np.mean([x[k] for x in rs]))
     comps = []
@@ -496,12 +502,21 @@ def analyse(result: dict) -> dict:
         have.setdefault((r["regime"], r["method"]), set()).add(r["seed"])
     for ra, a, rb, b, what in comparisons(plan, any(r["regime"] == "posterior" for r in rows)):
         both = sorted(have.get((ra, a), set()) & have.get((rb, b), set()))  # a stopped study: the seeds both have
-        if not both:
+        if len(both) < 2:  # a crossed interval needs two seeds
             continue
-        A, B = matrix(rows, ra, a, both), matrix(rows, rb, b, both)
-        boot = stats.paired_bootstrap(A, B)
-        comps.append({"a": f"{ra}|{a}", "b": f"{rb}|{b}", "what": what, **boot, **{f"mcnemar_{k}": v for k, v in
-                      stats.mcnemar(A, B).items()}, "verdict": stats.verdict(boot["ci95"], PAPER_GAP)})
+        c = stats.crossed_interval(matrix(rows, ra, a, both), matrix(rows, rb, b, both))
+        comps.append({"a": f"{ra}|{a}", "b": f"{rb}|{b}", "what": what, "kind": kind(a, b), **c})
+    judge(comps)
+    fracs = []  # what each GenRecal row gains over SFT, as a fraction of the positive control's gain
+    for c in comps:
+        regime = c["b"].split("|")[0]
+        ctl = [x for x in comps if x["kind"] == "control" and x["b"].startswith(f"{regime}|")]
+        if c["kind"] != "transfer" or "genrecal" not in c["a"] or not ctl or ctl[0]["ci95"][0] <= 0:
+            continue
+        both = sorted(set(_seeds(rows, c["a"])) & set(_seeds(rows, c["b"])) & set(_seeds(rows, ctl[0]["a"])))
+        d = lambda x, y: matrix(rows, *x.split("|"), both) - matrix(rows, *y.split("|"), both)  # noqa: E731
+        f = stats.ratio_interval(d(c["a"], c["b"]), d(ctl[0]["a"], ctl[0]["b"]))
+        fracs.append({"a": c["a"], "b": c["b"], "control": f"{ctl[0]['a']} - {ctl[0]['b']}", **f})
     diag = {}
     for r in rows:
         if "diagnosis" in r and r["method"] != "genrecal_after_stage2":
@@ -509,15 +524,56 @@ def analyse(result: dict) -> dict:
                 for k, v in d.items():
                     diag.setdefault(f"{r['regime']}|{r['method']}", {}).setdefault(stage, {}).setdefault(k, []).append(v)
     diag = {m: {st: {k: float(np.mean(v)) for k, v in d.items()} for st, d in x.items()} for m, x in diag.items()}
-    return {"summary": summary, "comparisons": comps, "diagnosis": diag}
+    return {"summary": summary, "comparisons": comps, "fractions": fracs, "diagnosis": diag}
+
+
+def _seeds(rows: list[dict], key: str) -> list[int]:
+    regime, method = key.split("|")
+    return [r["seed"] for r in rows if r["regime"] == regime and r["method"] == method]
+
+
+def kind(a: str, b: str) -> str:
+    """What a comparison is for, which sets its yardstick (`judge`)."""
+    if (a, b) == ("same_tokenizer_kd", "same_arch_sft"):
+        return "control"
+    if (a, b) == ("same_arch_sft", "sft"):
+        return "architecture"
+    return "variant" if b == "genrecal" else "transfer"
+
+
+def judge(comps: list[dict]) -> None:
+    """Give each comparison its yardstick (the smallest gap that matters for its claim) and its verdict, in place.
+    Yardsticks come from inside the toy, per regime: a transfer row (any method - SFT on the cross student), a
+    variant - GenRecal row and the architecture effect are measured against CONTROL_FRACTION of the positive
+    control's gain (logit KD - its SFT control); the positive control against what that fraction must be for the
+    regime's GenRecal - SFT design to see it (its MDE / CONTROL_FRACTION). A regime whose control does not hold has
+    no yardstick: its rows get a sign-only verdict. The paper's 7.2-point gap is kept beside each for reference."""
+    control = {c["b"].split("|")[0]: c for c in comps if c["kind"] == "control"}
+    transfer_mde = {c["b"].split("|")[0]: c["mde"] for c in comps if c["a"].endswith("|genrecal") and c["kind"] ==
+                    "transfer"}
+    for c in comps:
+        regime = c["b"].split("|")[0]
+        ctl = control.get(regime)
+        if c["kind"] == "control":
+            y = transfer_mde[regime] / CONTROL_FRACTION if regime in transfer_mde else None
+        else:
+            y = CONTROL_FRACTION * ctl["diff"] if ctl and ctl["ci95"][0] > 0 else None
+        c["yardstick"] = y
+        c["verdict"] = stats.verdict(c, y) if y is not None else \
+            stats.verdict(c, None) + " (no yardstick: the positive control gains nothing here)"
+        lo, hi = c["ci95"]
+        c["vs_paper_gap"] = "above" if lo > PAPER_GAP else "below" if hi < PAPER_GAP else "spans"
 
 
 # -- the report -----------------------------------------------------------------------------------------------------------
 NOT_TESTABLE = [
     "depth 5-20 saturating at the depth-2 accuracy (a 2-layer student; differences of 0.3 points)",
     "data scale 1M -> 9M samples (here 1000 training samples)",
-    "the paper's ECE values (0.13 vs 0.21): a 5-question-type toy has no comparable calibration curve",
-    "the 1.5-point depth-1 vs depth-2 effect: below the smallest effect this design detects (see MDE)",
+    "the paper's ECE values (0.13 vs 0.21): not in these rows, trained before `evaluate` kept ECE (rows trained "
+    "since keep it; the rerun is planned in docs/method.md)",
+    "the 1.5-point depth-1 vs depth-2 effect: not run here. Paired like GenRecal - SFT, whose measured MDE is about "
+    "1.3 points at the fitting budget (1600 student steps, `results/transfer_long`) and 4.5 at 400 steps, it is "
+    "within reach of the fitting-budget design, not of the short one",
 ]
 
 
@@ -636,12 +692,21 @@ def report_lines(result: dict) -> list[str]:
         L.append(f"| {regime} | {method} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f} | "
                  f"{100 * s['train_acc_own_labels']:.1f} | {100 * s['train_acc_clean_labels']:.1f} | "
                  f"{100 * s['jsd_teacher']:.2f}{post} |")
-    L += ["", "| comparison (a - b) | what it measures | seeds x items | diff (points) | 95% CI | MDE | McNemar z | "
-          "verdict |", "|---|---|---|---|---|---|---|---|"]
+    L += ["", "| comparison (a - b) | what it measures | seeds x items | diff (points) | 95% CI | df | p | MDE | "
+          "yardstick | verdict | vs the paper's 7.2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in an["comparisons"]:
+        y = "none" if c["yardstick"] is None else f"{100 * c['yardstick']:.1f}"
         L.append(f"| {c['a']} - {c['b']} | {c['what']} | {c['seeds']} x {c['items']} | {_pts(c['diff'])} | "
-                 f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}] | {100 * c['mde']:.1f} | {c['mcnemar_z']:.1f} | "
-                 f"{c['verdict']} |")
+                 f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}] | {c['df']:.0f} | {c['p']:.2g} | "
+                 f"{100 * c['mde']:.1f} | {y} | {c['verdict']} | {c['vs_paper_gap']} |")
+    if an.get("fractions"):
+        end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        L += ["", "| fraction of the positive control's gain (a - b over the control) | control | fraction | 95% "
+              "interval (Fieller, crossed) |", "|---|---|---|---|"]
+        L += [f"| {f['a']} - {f['b']} | {f['control']} | {100 * f['ratio']:.0f}% | [{end(f['ci95'][0])}, "
+              f"{end(f['ci95'][1])}] |" for f in an["fractions"]]
+        L += ["", "The control runs on the same-tokenizer student and GenRecal on the cross-tokenizer one, so each "
+              "fraction compares two students."]
     keys = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "grad_distill_share",
             "grad_distill_cos_ce_student", "recal_acc_first",
             "recal_acc_later", "recal_acc_first_scrambled", "recal_acc_later_scrambled"]
@@ -678,16 +743,30 @@ def write_report(result: dict, out: Path) -> str:
                      f"`{info.get('weights_sha256', '?')[:12]}`, val / test exact match {info.get('val_accuracy')} / "
                      f"{info.get('test_accuracy')} (`{info.get('command', '?')}`).")
     L.append("")
-    planned = stats.planned_mde(len(plan["seeds"]), plan["n_test"], PLANNED_DISCORDANCE, PLANNED_SEED_SD)
-    L += [f"Power, stated before the run: {len(plan['seeds'])} seeds x {plan['n_test']} paired items, assuming "
-          f"{100 * PLANNED_DISCORDANCE:.0f}% discordant item pairs and a seed-to-seed sd of the gap of "
-          f"{100 * PLANNED_SEED_SD:.0f} points, detect a true gap of {100 * planned:.1f} points with 80% power at 5%. "
-          "The MDE column gives the same figure from the measured spread of each comparison.", ""]
+    planned = stats.planned_mde(len(plan["seeds"]), plan["n_test"], PLANNED_DISCORDANCE, PLANNED_SEED_SD,
+                                PLANNED_ITEM_SD)
+    L += [f"Power, planned: {len(plan['seeds'])} seeds x {plan['n_test']} paired items, assuming "
+          f"{100 * PLANNED_DISCORDANCE:.0f}% discordant item pairs, a seed-to-seed sd of the gap of "
+          f"{100 * PLANNED_SEED_SD:.0f} points and an item-to-item sd of {100 * PLANNED_ITEM_SD:.0f} points (the same "
+          f"items repeat across seeds), detect a true gap of {100 * planned:.1f} points with 80% power at 5%. "
+          "The MDE column gives the same figure from the measured variance components of each comparison.", ""]
     L += report_lines(result)
-    L += ["", "Verdict rule: a claim 'a > b' holds if the 95% interval (two-level paired bootstrap over seeds and "
-          "items: it carries test-set noise and seed spread) lies above 0; it does not hold if the interval lies below "
-          f"{100 * PAPER_GAP:.1f} points, the paper's GenRecal - SFT gap; otherwise inconclusive. MDE: the smallest "
-          "true difference this design detects with 80% power at 5% (2.80 x the bootstrap standard error).", "",
+    L += ["", "Intervals: the gap a - b per (seed, item) is modelled as grand mean + seed effect + item effect + "
+          "residual (crossed random effects); the two-way ANOVA mean squares give the variance of the mean, "
+          "Satterthwaite's degrees of freedom (df) a t interval, and p tests 'no gap' with the same t. A negative "
+          "variance estimate is set to 0. Its coverage is checked by simulation at the study's variance structure "
+          "(`tests/test_stats.py`).", "",
+          "Verdict rule, for the claim 'a > b' against a yardstick (the smallest gap that matters for that claim): "
+          "it holds if the 95% interval lies above 0 (and 'at least the yardstick' or 'smaller than the yardstick' "
+          "when the interval also clears or stays under it); 'reversed' below 0; 'equivalent to 0 within "
+          "+-yardstick' when the 90% interval lies inside +-yardstick (two one-sided tests at 5%); 'smaller than the "
+          "yardstick' when the 95% interval lies under it; otherwise 'inconclusive', flagged 'underpowered' when the "
+          "MDE (the smallest true gap detected with 80% power at 5%) exceeds the yardstick. Yardsticks come from the "
+          f"toy, per regime: {100 * CONTROL_FRACTION:.0f}% of the positive control's gain (logit KD - its SFT "
+          "control) for every other row; for the control itself, the gain it needs for that fraction to reach the "
+          "MDE of GenRecal - SFT. A regime where the control does not hold gives no yardstick. The last column "
+          f"places each interval against the paper's GenRecal - SFT gap ({100 * PAPER_GAP:.1f} points), for "
+          "reference only.", "",
           "## Not testable at this scale", ""] + [f"- {x}" for x in NOT_TESTABLE]
     text = "\n".join(L) + "\n"
     (out / "README.md").write_text(text)
