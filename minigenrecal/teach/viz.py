@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from minigenrecal.losses import answer_rows
+from minigenrecal.study.tables import md_table
 
 SMOKE_ENV = "MINIGENRECAL_SMOKE"
 
@@ -257,18 +258,10 @@ def summarize_rows(rows: list[dict], metrics=("accuracy", "jsd", "ece")) -> list
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
-    """A markdown table of dict rows; floats rounded, None shown as a dash."""
+    """A markdown table of dict rows; floats rounded, None shown as a dash, `|` in a cell escaped, and the width of
+    every row checked (`study.tables.md_table`)."""
     columns = columns or list(rows[0])
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(md_table(columns, [[r.get(c) for c in columns] for r in rows], digits))
 
 
 # The paper's numbers (arXiv 2506.15681; InternVL2.5-78B teacher), as docs/method.md lists them.
