@@ -556,7 +556,7 @@ def write_plot(result: dict, out: Path) -> str:
     ax.set_xticks(range(len(regimes)), [r.replace("noise", "label noise ") for r in regimes])
     ax.set_ylabel("accuracy gain (points), 95% CI")
     ax.set_title(f"What each method passes on ({len(plan['seeds'])} seeds x {plan['n_test']} test items, paired)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=9, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "transfer.png", dpi=120)
     plt.close(fig)
