@@ -539,7 +539,7 @@ def write_plot(result: dict, out: Path) -> str:
               ("sequence KD - SFT", "seq_kd", "sft", "tab:blue")]
     regimes = [f"noise{rho:g}" for rho in plan["rhos"]]
     regimes += ["posterior"] if any(c["b"].startswith("posterior|") for c in comps.values()) else []
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     width = 0.8 / len(series)
     for k, (label, a, b, color) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
@@ -556,8 +556,7 @@ def write_plot(result: dict, out: Path) -> str:
     ax.set_xticks(range(len(regimes)), [r.replace("noise", "label noise ") for r in regimes])
     ax.set_ylabel("accuracy gain (points), 95% CI")
     ax.set_title(f"What each method passes on ({len(plan['seeds'])} seeds x {plan['n_test']} test items, paired)")
-    ax.legend(fontsize=9, loc="upper left")
-    fig.tight_layout()
+    fig.legend(fontsize=9, loc="outside lower center", ncol=2, frameon=False)  # under the bars, never over them
     fig.savefig(out / "transfer.png", dpi=120)
     plt.close(fig)
     fig = plot_diagnosis(result)
