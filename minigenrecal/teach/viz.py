@@ -246,8 +246,9 @@ def plot_history(history, keys=None, window: int = 5, ax=None, title: str = "", 
     if logy:
         ax.set_yscale("log")
         plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, 5, 0.5 rather than 2x10^1
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # labels at 1, 2, 5 x 10^k
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if max(finite) < 10 * min(finite) else ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(plain if max(finite) < 4 * min(finite) else ticker.NullFormatter())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (log axis)" if logy else "loss")
     ax.set_title(title, fontsize=10)
