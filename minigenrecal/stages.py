@@ -27,7 +27,7 @@ class StageConfig:
     w_student: float = 1.0  # the student's own CE (stages 2 and 3)
     train_vision: bool = False  # paper: the student's vision encoder is always frozen; True only for random-init toys
     vision_lr_scale: float = 1.0  # LR multiplier for a trained vision encoder (its patch embedding has a huge fan-in)
-    reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2 per METHOD decision 6)
+    reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2: docs/method.md, dec. 6)
     train_recal: bool = True  # False freezes the Recalibrator in stage 2 (a diagnostic variant, not the paper's)
     chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
     seed: int = 0

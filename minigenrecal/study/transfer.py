@@ -41,6 +41,7 @@ from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
 from minigenrecal.study import stats
 from minigenrecal.study.baselines import train_baseline
+from minigenrecal.study.tables import md_table, run_label
 from minigenrecal.study.warmstart import load_warm_start
 
 DATA_SEED = 0
@@ -594,7 +595,7 @@ def write_plot(result: dict, out: Path) -> str:
               ("sequence KD - SFT", "seq_kd", "sft", "tab:blue")]
     regimes = [f"noise{rho:g}" for rho in plan["rhos"]]
     regimes += ["posterior"] if any(c["b"].startswith("posterior|") for c in comps.values()) else []
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     width = 0.8 / len(series)
     for k, (label, a, b, color) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
@@ -611,8 +612,7 @@ def write_plot(result: dict, out: Path) -> str:
     ax.set_xticks(range(len(regimes)), [r.replace("noise", "label noise ") for r in regimes])
     ax.set_ylabel("accuracy gain (points), 95% CI")
     ax.set_title(f"What each method passes on ({len(plan['seeds'])} seeds x {plan['n_test']} test items, paired)")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    fig.legend(fontsize=9, loc="outside lower center", ncol=2, frameon=False)  # under the bars, never over them
     fig.savefig(out / "transfer.png", dpi=120)
     plt.close(fig)
     fig = plot_diagnosis(result)
@@ -621,32 +621,60 @@ def write_plot(result: dict, out: Path) -> str:
     return "transfer.png"
 
 
+VARIANT_LABELS = {"genrecal": "GenRecal", "genrecal_recal_frozen": "GenRecal, Recalibrator frozen",
+                  "genrecal_answer_embeddings": "GenRecal, answer embeddings", "genrecal_kl_x4": "GenRecal, KL x4"}
+
+
+def diagnosis_label(run: str) -> str:
+    """`noise0.5|genrecal_kl_x4` -> `noise 0.5: GenRecal, KL x4` (a plot's run label)."""
+    regime, method = run.split("|")
+    return f"{regime.replace('noise', 'noise ')}: {VARIANT_LABELS.get(method, method)}"
+
+
 def plot_diagnosis(result: dict):
-    """Left: each stage-2 loss term's gradient norm into the student (after stage 2). Right: the Recalibrator path's
-    accuracy at the first answer token and at later ones, with the student's question features kept or scrambled."""
+    """Rows: after stage 1, after stage 2. Left: each loss term's gradient norm into the student (log axis; the
+    regularization terms, 0 by construction, are named in the panel instead of drawn). Right: the Recalibrator
+    path's token accuracy at the first answer token and at later ones, the student's question features kept or
+    scrambled. One horizontal bar group per GenRecal run, so the run names stay readable."""
     import matplotlib.pyplot as plt
-    diag = {run: d["after_stage2"] for run, d in result["analysis"]["diagnosis"].items() if "after_stage2" in d}
-    runs = list(diag)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    terms = ["ce_main", "kl_main", "ce_student"]
-    width = 0.8 / len(terms)
-    for k, t in enumerate(terms):
-        a1.bar([i + (k - 1) * width for i in range(len(runs))], [diag[r][f"grad_{t}"] for r in runs], width, label=t)
-    a1.set_xticks(range(len(runs)), [r.replace("|", "\n").replace("genrecal_", "") for r in runs], fontsize=7)
-    a1.set_ylabel("gradient norm into the student")
-    a1.set_title("after stage 2: who moves the student?", fontsize=9)
-    a1.legend(fontsize=7)
-    bars = [("first", ""), ("later", ""), ("first", "_scrambled"), ("later", "_scrambled")]
-    width = 0.8 / len(bars)
-    for k, (pos, sc) in enumerate(bars):
-        a2.bar([i + (k - 1.5) * width for i in range(len(runs))], [100 * diag[r][f"recal_acc_{pos}{sc}"] for r in runs],
-               width, label=f"{pos} answer token" + (", student scrambled" if sc else ""),
-               hatch="//" if sc else None, color=("tab:blue" if pos == "first" else "tab:orange"), alpha=0.5 if sc else 1)
-    a2.set_xticks(range(len(runs)), [r.replace("|", "\n").replace("genrecal_", "") for r in runs], fontsize=7)
-    a2.set_ylabel("Recalibrator path token accuracy (%)")
-    a2.set_title("does the path need the student's features?", fontsize=9)
-    a2.legend(fontsize=7)
-    fig.tight_layout()
+    diagnosis = result["analysis"]["diagnosis"]
+    runs = list(diagnosis)
+    stages = [s for s in ("after_stage1", "after_stage2") if any(s in d for d in diagnosis.values())]
+    fig, axes = plt.subplots(len(stages), 2, figsize=(9.6, 1.4 + 0.55 * len(runs) * len(stages)), squeeze=False,
+                             sharey=True, layout="constrained")
+    ys = list(range(len(runs)))[::-1]  # the first run at the top
+    terms = [("ce_main", "tab:blue"), ("kl_main", "tab:orange"), ("ce_student", "tab:green")]
+    bars = [("first", "", "tab:blue"), ("first", "_scrambled", "tab:blue"), ("later", "", "tab:orange"),
+            ("later", "_scrambled", "tab:orange")]
+    for row, stage in enumerate(stages):
+        diag = {r: diagnosis[r].get(stage) for r in runs}
+        a1, a2 = axes[row]
+        h = 0.8 / len(terms)
+        for k, (t, color) in enumerate(terms):
+            a1.barh([y + (1 - k) * h for y in ys], [diag[r][f"grad_{t}"] if diag[r] else 0 for r in runs], h,
+                    color=color, label=t)
+        a1.set_xscale("log")
+        a1.set_xlim(0.1, 50)
+        a1.set_xticks([0.1, 1, 10], ["0.1", "1", "10"])
+        a1.set_title(f"after stage {stage[-1]}: gradient norm (log axis)", fontsize=10)
+        h = 0.8 / len(bars)
+        for k, (pos, sc, color) in enumerate(bars):
+            a2.barh([y + (1.5 - k) * h for y in ys], [100 * diag[r][f"recal_acc_{pos}{sc}"] if diag[r] else 0
+                                                      for r in runs], h, color=color, alpha=0.45 if sc else 1,
+                    hatch="///" if sc else None, edgecolor="white" if sc else None,
+                    label=f"{pos} answer token" + (", student scrambled" if sc else ", student kept"))
+        a2.set_xlim(0, 100)
+        a2.set_title(f"after stage {stage[-1]}: path token accuracy (%)", fontsize=10)
+        for ax in (a1, a2):
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(labelsize=9)
+    for ax in axes[:, 0]:
+        ax.set_yticks(ys, [diagnosis_label(r) for r in runs], fontsize=9)
+    reg = max(abs(d[s][f"grad_{t}"]) for d in diagnosis.values() for s in d for t in ("ce_reg", "kl_reg"))
+    reg_note = "ce_reg, kl_reg: 0 in every run (by construction)" if reg == 0 else f"ce_reg, kl_reg: up to {reg:.3g}"
+    fig.legend(*axes[-1][0].get_legend_handles_labels(), loc="outside lower left", ncol=1, fontsize=9,
+               frameon=False, title=reg_note, title_fontsize=9)
+    fig.legend(*axes[-1][1].get_legend_handles_labels(), loc="outside lower right", ncol=2, fontsize=9, frameon=False)
     return fig
 
 
@@ -655,65 +683,67 @@ def headline_lines(result: dict) -> list[str]:
     comps = {(c["a"], c["b"]): c for c in result["analysis"]["comparisons"]}
     cell = lambda c: "n/a" if c is None else f"{_pts(c['diff'])} [{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]"
     regimes = sorted({c["b"].split("|")[0] for c in comps.values()}, key=lambda r: (r == "posterior", r))
-    L = ["| regime | SFT acc. (%) | logit KD - its SFT control | GenRecal - SFT | GenRecal after stage 2 - SFT | "
-         "sequence KD - SFT |", "|---|---|---|---|---|---|"]
+    rows = []
     for r in regimes:
         sft = result["analysis"]["summary"].get(f"{r}|sft", {}).get("accuracy_mean", float("nan"))
         seq = "posterior" if r == "posterior" else "teacher_labels"
-        L.append(f"| {r} | {100 * sft:.1f} | {cell(comps.get((f'{r}|same_tokenizer_kd', f'{r}|same_arch_sft')))} | "
-                 f"{cell(comps.get((f'{r}|genrecal', f'{r}|sft')))} | "
-                 f"{cell(comps.get((f'{r}|genrecal_after_stage2', f'{r}|sft')))} | "
-                 f"{cell(comps.get((f'{seq}|seq_kd', f'{r}|sft')))} |")
-    return L
+        rows.append([r, f"{100 * sft:.1f}", cell(comps.get((f"{r}|same_tokenizer_kd", f"{r}|same_arch_sft"))),
+                     cell(comps.get((f"{r}|genrecal", f"{r}|sft"))),
+                     cell(comps.get((f"{r}|genrecal_after_stage2", f"{r}|sft"))),
+                     cell(comps.get((f"{seq}|seq_kd", f"{r}|sft")))])
+    return md_table(["regime", "SFT acc. (%)", "logit KD - its SFT control (points)", "GenRecal - SFT (points)",
+                     "GenRecal after stage 2 - SFT (points)", "sequence KD - SFT (points)"], rows)
 
 
 def mechanism_lines(result: dict, run: str | None = None) -> list[str]:
     """The diagnosis of GenRecal at the headline noise level, as the README shows it (means over seeds)."""
     run = run or f"noise{result['plan']['headline_rho']:g}|genrecal"
     d = result["analysis"]["diagnosis"].get(run, {})
-    L = ["| after stage | distillation share of the student's gradient | cosine(distillation, student CE) | "
-         "path accuracy, first answer token: student kept / scrambled (%) | later tokens: kept / scrambled (%) |",
-         "|---|---|---|---|---|"]
-    for stage, v in d.items():
-        L.append(f"| {stage[-1]} | {v['grad_distill_share']:.2f} | {v['grad_distill_cos_ce_student']:+.2f} | "
-                 f"{100 * v['recal_acc_first']:.1f} / {100 * v['recal_acc_first_scrambled']:.1f} | "
-                 f"{100 * v['recal_acc_later']:.1f} / {100 * v['recal_acc_later_scrambled']:.1f} |")
-    return L
+    rows = [[stage[-1], f"{v['grad_distill_share']:.2f}", f"{v['grad_distill_cos_ce_student']:+.2f}",
+             f"{100 * v['recal_acc_first']:.1f} / {100 * v['recal_acc_first_scrambled']:.1f}",
+             f"{100 * v['recal_acc_later']:.1f} / {100 * v['recal_acc_later_scrambled']:.1f}"] for stage, v in d.items()]
+    return md_table(["after stage", "distillation share of the student's gradient", "cosine(distillation, student CE)",
+                     "path accuracy, first answer token: student kept / scrambled (%)",
+                     "later tokens: kept / scrambled (%)"], rows)
+
+
+DIAGNOSIS_KEYS = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "grad_distill_share",
+                  "grad_distill_cos_ce_student", "recal_acc_first", "recal_acc_later", "recal_acc_first_scrambled",
+                  "recal_acc_later_scrambled"]
 
 
 def report_lines(result: dict) -> list[str]:
-    """The report's tables (also what notebook 06 shows): one list of markdown lines."""
-    plan, an = result["plan"], result["analysis"]
-    L = ["| regime | method | accuracy (%) | train acc, own labels (%) | train acc, clean labels (%) | JSD x100 to the "
-         "teacher | NLL vs true posterior | JSD x100 vs true posterior |", "|---|---|---|---|---|---|---|---|"]
+    """The report's tables (also what notebook 06 shows): one list of markdown lines. Runs are named
+    `regime / method` (the JSON's `regime|method` keys, whose bare pipe a markdown renderer would read as a column)."""
+    an = result["analysis"]
+    rows = []
     for key, s in an["summary"].items():
         regime, method = key.split("|")
-        post = f" | {s['posterior_nll']:.3f} | {100 * s['posterior_jsd']:.2f}" if "posterior_nll" in s else " | | "
-        L.append(f"| {regime} | {method} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f} | "
-                 f"{100 * s['train_acc_own_labels']:.1f} | {100 * s['train_acc_clean_labels']:.1f} | "
-                 f"{100 * s['jsd_teacher']:.2f}{post} |")
-    L += ["", "| comparison (a - b) | what it measures | seeds x items | diff (points) | 95% CI | df | p | MDE | "
-          "yardstick | verdict | vs the paper's 7.2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in an["comparisons"]:
-        y = "none" if c["yardstick"] is None else f"{100 * c['yardstick']:.1f}"
-        L.append(f"| {c['a']} - {c['b']} | {c['what']} | {c['seeds']} x {c['items']} | {_pts(c['diff'])} | "
-                 f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}] | {c['df']:.0f} | {c['p']:.2g} | "
-                 f"{100 * c['mde']:.1f} | {y} | {c['verdict']} | {c['vs_paper_gap']} |")
+        post = [f"{s['posterior_nll']:.3f}", f"{100 * s['posterior_jsd']:.2f}"] if "posterior_nll" in s else ["", ""]
+        rows.append([regime, method, f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}",
+                     f"{100 * s['train_acc_own_labels']:.1f}", f"{100 * s['train_acc_clean_labels']:.1f}",
+                     f"{100 * s['jsd_teacher']:.2f}", *post])
+    L = md_table(["regime", "method", "accuracy (%)", "train acc, own labels (%)", "train acc, clean labels (%)",
+                  "JSD x100 to the teacher", "NLL vs true posterior", "JSD x100 vs true posterior"], rows)
+    rows = [[f"{run_label(c['a'])} - {run_label(c['b'])}", c["what"], f"{c['seeds']} x {c['items']}", _pts(c["diff"]),
+             f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]", f"{c['df']:.0f}", f"{c['p']:.2g}", f"{100 * c['mde']:.1f}",
+             "none" if c["yardstick"] is None else f"{100 * c['yardstick']:.1f}", c["verdict"], c["vs_paper_gap"]]
+            for c in an["comparisons"]]
+    L += [""] + md_table(["comparison (a - b)", "what it measures", "seeds x items", "diff (points)", "95% CI (points)",
+                          "df", "p", "MDE (points)", "yardstick (points)", "verdict", "vs the paper's 7.2"], rows)
     if an.get("fractions"):
         end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-        L += ["", "| fraction of the positive control's gain (a - b over the control) | control | fraction | 95% "
-              "interval (Fieller, crossed) |", "|---|---|---|---|"]
-        L += [f"| {f['a']} - {f['b']} | {f['control']} | {100 * f['ratio']:.0f}% | [{end(f['ci95'][0])}, "
-              f"{end(f['ci95'][1])}] |" for f in an["fractions"]]
+        rows = [[f"{run_label(f['a'])} - {run_label(f['b'])}", run_label(f["control"]),
+                 f"{100 * f['ratio']:.0f}%", f"[{end(f['ci95'][0])}, {end(f['ci95'][1])}]"]
+                for f in an["fractions"]]
+        L += [""] + md_table(["fraction of the positive control's gain (a - b over the control)", "control",
+                              "fraction", "95% interval (Fieller, crossed)"], rows)
         L += ["", "The control runs on the same-tokenizer student and GenRecal on the cross-tokenizer one, so each "
               "fraction compares two students."]
-    keys = ["grad_ce_main", "grad_kl_main", "grad_ce_reg", "grad_kl_reg", "grad_ce_student", "grad_distill_share",
-            "grad_distill_cos_ce_student", "recal_acc_first",
-            "recal_acc_later", "recal_acc_first_scrambled", "recal_acc_later_scrambled"]
-    L += ["", "| run | after stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for run, d in an["diagnosis"].items():
-        for stage, v in d.items():
-            L.append(f"| {run} | {stage[-1]} | " + " | ".join(f"{v[k]:.3g}" for k in keys) + " |")
+    pct = lambda k: k.startswith("recal_acc")  # accuracies in %, as in every other table
+    rows = [[run_label(run), stage[-1], *(f"{100 * v[k]:.1f}" if pct(k) else f"{v[k]:.3g}" for k in DIAGNOSIS_KEYS)]
+            for run, d in an["diagnosis"].items() for stage, v in d.items()]
+    L += [""] + md_table(["run", "after stage", *(f"{k} (%)" if pct(k) else k for k in DIAGNOSIS_KEYS)], rows)
     return L
 
 

@@ -6,12 +6,16 @@ import html
 import math
 import os
 import statistics
+import textwrap
+import warnings
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 from minigenrecal.losses import answer_rows
+from minigenrecal.study.tables import md_table
 
 SMOKE_ENV = "MINIGENRECAL_SMOKE"
 
@@ -27,10 +31,20 @@ def pick(learner, smoke_value):
     return smoke_value if smoke() else learner
 
 
+def quiet_libraries() -> None:
+    """What a notebook's first cell calls: no transformers progress bars ("Loading weights", "Writing model shards"),
+    no transformers info or warning logs, no Python warnings. The notebooks' output is then only their own."""
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def tiny_teacher(log=print):
     """(model, processor, trained): the shipped trained tiny teacher, or a random-init one of the same shape
-    (with a printed notice) when data_samples/tiny_teacher has not been built."""
+    (with a printed notice) when data_samples/tiny_teacher has not been built. `trained` says which one you got.
+    Loads without a progress bar."""
     from minigenrecal.models.tiny import TEACHER_DIR, build_teacher, load_teacher
+    transformers.utils.logging.disable_progress_bar()
     if (TEACHER_DIR / "config.json").exists():
         model, proc = load_teacher()
         return model, proc, True
@@ -181,61 +195,114 @@ def plot_cosine(mats: dict, vmin: float = -1.0, vmax: float = 1.0, xlabel: str =
 
 # -- loss curves ---------------------------------------------------------------------------------------------
 def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (the first points average what exists so far)."""
-    out, acc = [], 0.0
+    """Trailing moving average (the first points average what exists so far); NaN (a term a step does not have)
+    stays NaN and is left out of its neighbours' averages."""
+    out = []
     for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+        seen = [x for x in values[max(0, i - window + 1): i + 1] if x == x]
+        out.append(statistics.fmean(seen) if v == v and seen else math.nan)
     return out
 
 
-def plot_history(history, keys=None, window: int = 5, ax=None, title: str = "", label_prefix: str = ""):
-    """Loss terms against step. `history` is train_stage's list of dicts, or a {stage: list} dict (concatenated)."""
+# One colour and line style per loss term, the same in every plot: CE terms thick and solid, KL terms thin and
+# dashed or dotted on top (CE and KL nearly coincide when the teacher is confident, and both stay visible), the
+# summed loss thick grey and dashed.
+TERM_STYLE = {"loss": dict(color="0.35", lw=2.6, ls="--"), "ce_main": dict(color="tab:blue", lw=2.4),
+              "kl_main": dict(color="tab:orange", lw=1.5, ls="--"),
+              "ce_reg": dict(color="tab:purple", lw=2.4, alpha=0.6),
+              "kl_reg": dict(color="tab:red", lw=1.5, ls=":"), "ce_student": dict(color="tab:green", lw=2.0),
+              "mse": dict(color="tab:brown", lw=1.6)}
+TERMS = ("loss", "ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student")
+
+
+def plot_history(history, keys=None, window: int = 5, ax=None, title: str = "", label_prefix: str = "",
+                 logy: bool | None = None, legend: bool = True, color: str | None = None):
+    """Loss terms against step, each term in its `TERM_STYLE`. `history` is train_stage's list of dicts, or a
+    {stage: list} dict (concatenated, each stage smoothed on its own so a jump at a stage boundary stays sharp).
+    `logy` (default: when the terms span more than a factor 10) puts terms of different sizes on one readable axis.
+    `loss` is left out when it equals a single term (stage 3: loss = ce_student).
+    `color` overrides the term colours (to tell two runs of the same term apart on one axis)."""
     import matplotlib.pyplot as plt
-    if isinstance(history, dict):
-        history = [h for st in sorted(history) for h in history[st]]
-    keys = keys or [k for k in ("loss", "ce_main", "kl_main", "ce_reg", "kl_reg", "ce_student") if k in history[0]]
+    from matplotlib import ticker
+    segments = [history[st] for st in sorted(history)] if isinstance(history, dict) else [history]
+    history = [h for seg in segments for h in seg]
+    keys = list(keys or [k for k in TERMS if any(k in h for h in history)])
+    terms = [k for k in keys if k != "loss"]
+    if "loss" in keys and len(terms) == 1 and all(h["loss"] == h.get(terms[0]) for h in history):
+        keys.remove("loss")
+        terms = [f"{terms[0]} (= loss)"]
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.6))
     x = list(range(len(history)))
+    curves = {}
     for k in keys:
-        ys = [h.get(k, math.nan) for h in history]
-        ax.plot(x, smooth(ys, window) if window > 1 else ys, label=label_prefix + k)
+        curves[k] = [y for seg in segments for y in smooth([h.get(k, math.nan) for h in seg], max(window, 1))]
+        name = terms[0] if keys == [k] and terms[0].endswith("(= loss)") else k
+        style = TERM_STYLE.get(k, {}) | ({"color": color} if color else {})  # `color`: two runs on one axis
+        ax.plot(x, curves[k], label=label_prefix + name, **style)
+    finite = [v for ys in curves.values() for v in ys if v == v and v > 0]
+    if logy is None:
+        logy = bool(finite) and max(finite) > 10 * min(finite)
+    if logy:
+        ax.set_yscale("log")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, 5, 0.5 rather than 2x10^1
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # labels at 1, 2, 5 x 10^k
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if max(finite) < 4 * min(finite) else ticker.NullFormatter())
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("loss (log axis)" if logy else "loss")
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=9)
+    ax.grid(alpha=0.3, which="both" if logy else "major")
     return ax
 
 
+def plot_stages(histories: dict, window: int = 5, width: float = 9.6):
+    """One panel per stage of a run's {stage: history}, every term in its own `TERM_STYLE` colour in all panels,
+    log loss axes, one legend for the figure."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(histories), figsize=(width, 3.4), layout="constrained", squeeze=False)
+    seen = {}
+    for ax, (st, hist) in zip(axes[0], sorted(histories.items())):
+        plot_history(hist, ax=ax, window=window, title=f"stage {st}", logy=True, legend=False)
+        ax.tick_params(labelsize=9)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab.endswith(" (= loss)"):
+                lab = lab.removesuffix(" (= loss)")
+                ax.set_title(f"stage {st} (loss = {lab})", fontsize=10)
+            seen.setdefault(lab, h)
+    fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncol=len(seen), fontsize=9, frameon=False)
+    return fig
+
+
 # -- samples -------------------------------------------------------------------------------------------------
-def show_samples(samples, predictions=None, ncols: int = 4, title: str = ""):
-    """A grid of images with question, gold answer and (optionally) the prediction, green when exact."""
+def show_samples(samples, predictions=None, ncols: int = 4, title: str = "", width: float = 9.6):
+    """A grid of images with question, gold answer and (optionally) the prediction, green when exact. `width` in
+    inches (9.6 fills a notebook's output area at 100 dpi); titles wrap and the layout leaves room for them."""
     import matplotlib.pyplot as plt
 
     from minigenrecal.data.synthetic import normalize
     n = len(samples)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
+    side = width / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, (side + 0.75) * nrows + (0.4 if title else 0)),
+                             squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
             continue
         s = samples[i]
         ax.imshow(s.image)
-        text = f"Q: {s.question}\ngold: {s.answer}"
+        lines = textwrap.wrap(f"Q: {s.question}", 30)[:2] + [f"gold: {s.answer}"]
         color = "black"
         if predictions is not None:
             ok = normalize(predictions[i]) == normalize(s.answer)
-            text += f"\npred: {predictions[i]}"
+            lines.append(f"pred: {predictions[i]}"[:34])
             color = "green" if ok else "red"
-        ax.set_title(text, fontsize=8, color=color)
+        ax.set_title("\n".join(lines), fontsize=9, color=color)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -257,18 +324,10 @@ def summarize_rows(rows: list[dict], metrics=("accuracy", "jsd", "ece")) -> list
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
-    """A markdown table of dict rows; floats rounded, None shown as a dash."""
+    """A markdown table of dict rows; floats rounded, None shown as a dash, `|` in a cell escaped, and the width of
+    every row checked (`study.tables.md_table`)."""
     columns = columns or list(rows[0])
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(md_table(columns, [[r.get(c) for c in columns] for r in rows], digits))
 
 
 # The paper's numbers (arXiv 2506.15681; InternVL2.5-78B teacher), as docs/method.md lists them.
@@ -307,11 +366,13 @@ def recal_token_accuracy(recal, student, teacher, samples, batch_size: int = 32)
     return {"all_tokens": hits / max(n, 1), "first_token": first / max(n_first, 1)}
 
 
-def plot_token_values(series: dict, spans: list[str], ylabel: str = "gradient norm", title: str = "", ax=None):
-    """Bars per position for each {label: (T,) values}; the background shades question, image and answer spans."""
+def plot_token_values(series: dict, spans: list[str], ylabel: str = "gradient norm", title: str = "", ax=None,
+                      logy: bool = False):
+    """Bars per position for each {label: (T,) values}; the background shades question, image and answer spans.
+    `logy` shows values that differ by orders of magnitude (bars of exactly 0 then do not appear)."""
     import matplotlib.pyplot as plt
     if ax is None:
-        _, ax = plt.subplots(figsize=(11, 3.4))
+        _, ax = plt.subplots(figsize=(9.6, 3.4))
     for i, sp in enumerate(spans):
         ax.axvspan(i - 0.5, i + 0.5, color=_SPAN_COLOR[sp], alpha=0.6, lw=0)
     width = 0.8 / len(series)
@@ -319,8 +380,12 @@ def plot_token_values(series: dict, spans: list[str], ylabel: str = "gradient no
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(vals))]
         ax.bar(xs, [float(v) for v in vals], width=width, label=label)
     ax.set_xlim(-0.5, len(spans) - 0.5)
+    if logy:
+        ax.set_yscale("log")
+        ys = [float(v) for vals in series.values() for v in vals if float(v) > 0]
+        ax.set_ylim(min(ys) / 2, max(ys) * 2)
     ax.set_xlabel("student position (blue: question text, grey: image tokens, orange: answer)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel + (" (log axis)" if logy else ""))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=9, loc="upper left")
     return ax

@@ -1,0 +1,90 @@
+"""Markdown tables keep their columns: the table writer checks its own shape, and every table the repository ships
+(READMEs, results reports, what notebook 06 displays) has as many cells per row as headers, as a renderer splits it."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from minigenrecal.study import transfer
+from minigenrecal.study.tables import count_cells, md_table, run_label
+from minigenrecal.teach import viz
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tables_in(text: str) -> list[list[str]]:
+    """Every markdown table in a text: runs of consecutive lines that start with `|`."""
+    out, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.lstrip().startswith("|"):
+            cur.append(line.strip())
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out
+
+
+def bad_rows(lines: list[str]) -> list[str]:
+    n = count_cells(lines[0])
+    return [f"{count_cells(line)} cells for {n}: {line[:90]}" for line in lines[1:] if count_cells(line) != n]
+
+
+def test_a_bare_pipe_in_a_label_would_shift_the_row():
+    """The defect itself: `noise0.5|genrecal` in a plain f-string table reads as two cells."""
+    assert count_cells("| noise0.5|genrecal | 1 | 0.46 |") == 4
+    assert count_cells(r"| noise0.5\|genrecal | 1 | 0.46 |") == 3
+    assert count_cells("|---|---|---|") == 3
+
+
+def test_md_table_escapes_pipes_and_keeps_the_width():
+    lines = md_table(["run", "after stage", "grad"], [["noise0.5|genrecal", "2", 0.738], ["a|b|c", None, 1.0]])
+    assert lines[2] == r"| noise0.5\|genrecal | 2 | 0.738 |"
+    assert lines[3] == r"| a\|b\|c | - | 1.000 |"
+    assert [count_cells(line) for line in lines] == [3, 3, 3, 3]
+
+
+def test_md_table_refuses_a_row_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"row 1 \('x'...\) has 2 cells for 3 headers"):
+        md_table(["a", "b", "c"], [[1, 2, 3], ["x", 2]])
+
+
+def test_run_labels_carry_no_pipe():
+    assert run_label("noise0.5|genrecal") == "noise0.5 / genrecal"
+    assert transfer.diagnosis_label("noise0.5|genrecal_kl_x4") == "noise 0.5: GenRecal, KL x4"
+
+
+@pytest.mark.parametrize("folder", ["transfer", "transfer_long"])
+def test_the_study_reports_keep_their_columns(folder):
+    """Each of report_lines' three tables: the right width, and the values under their headings (a hand-read cell
+    of the comparisons and of the diagnosis table, the two tables that had shifted)."""
+    res = json.loads((ROOT / "results" / folder / "transfer.json").read_text())
+    lines = transfer.report_lines(res) + [""] + transfer.headline_lines(res) + [""] + transfer.mechanism_lines(res)
+    tables = tables_in("\n".join(lines))
+    assert len(tables) == 5
+    for t in tables:
+        assert not bad_rows(t), bad_rows(t)
+    comp, diag = tables[1], tables[2]
+    head = [h.strip() for h in comp[0].strip("|").split("|")]
+    c = res["analysis"]["comparisons"][0]
+    first = [x.strip() for x in re.split(r"(?<!\\)\|", comp[2].strip().strip("|"))]
+    assert first[head.index("verdict")] == c["verdict"] and first[head.index("MDE (points)")] == f"{100 * c['mde']:.1f}"
+    assert first[head.index("McNemar z")] == f"{c['mcnemar_z']:.1f}"
+    head = [h.strip() for h in diag[0].strip("|").split("|")]
+    run, d = next(iter(res["analysis"]["diagnosis"].items()))
+    first = [x.strip() for x in diag[2].strip().strip("|").split("|")]
+    assert first[head.index("after stage")] == "1" and first[0] == run_label(run)
+    assert first[head.index("grad_ce_student")] == f"{d['after_stage1']['grad_ce_student']:.3g}"
+
+
+def test_every_shipped_markdown_table_keeps_its_columns():
+    """READMEs, docs and results reports: no row with more or fewer cells than its header."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "results").rglob("*.md"))]
+    assert (ROOT / "results" / "transfer" / "README.md") in files
+    bad = {str(f.relative_to(ROOT)): b for f in files for t in tables_in(f.read_text()) if (b := bad_rows(t))}
+    assert not bad, bad
+
+
+def test_viz_markdown_table_uses_the_checked_writer():
+    text = viz.markdown_table([{"regime": "noise0.5|x", "acc (%)": 41.25}], digits=1)
+    assert text.splitlines()[2] == r"| noise0.5\|x | 41.2 |"
