@@ -227,16 +227,38 @@ def skips_message(st, loss: float, ids: list[int], process: int) -> str:
             f"{ids}, process {process})")
 
 
+def grad_norm(acc, module: nn.Module) -> torch.Tensor | None:
+    """The (synchronized) gradient's global L2 norm: the backend's own where it holds the gradients itself (ZeRO-3
+    partitions them: `p.grad` is None there), else over `p.grad` (an FSDP2 DTensor norm is made whole)."""
+    own = getattr(acc, "global_grad_norm", None)
+    if own is not None:
+        return own(module)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def all_finite(acc, finite: torch.Tensor, module: nn.Module) -> bool:
     """Were the losses finite (`finite`), and is the (synchronized) gradient? One verdict on every process."""
     ok = finite.to(acc.device)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads)
-        ok = ok & torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = grad_norm(acc, module)
+    if norm is not None:
+        ok = ok & torch.isfinite(norm)
     if acc.num_processes > 1:
         ok = acc.reduce((~ok).float(), "sum") == 0
     return bool(ok)
+
+
+def clip_gradients(acc, module: nn.Module, max_norm: float) -> None:
+    """Scale the gradient to a global L2 norm of at most `max_norm` (0: off). A backend that clips inside its own
+    optimizer step (DeepSpeed: `clip_in_step`) is told the limit instead."""
+    own = getattr(acc, "clip_in_step", None)
+    if own is not None:
+        own(max_norm)
+    elif max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
 # -- callbacks: what plugs into the loop -------------------------------------------------------------------------
@@ -330,6 +352,7 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
                 # 2. the optimizer steps where the accumulation window closes, unless something is non-finite
                 if acc.sync_gradients:
                     if all_finite(acc, finite, module):
+                        clip_gradients(acc, module, cfg.max_grad_norm)
                         opt.step()
                         sched.step()
                     else:

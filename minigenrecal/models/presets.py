@@ -59,7 +59,9 @@ def _paper(batch: int, accum: int, chunk: int | None = 512) -> StageConfig:
     # Paper: AdamW, LR 1e-4 -> 1e-5 linear within each stage, ~1 epoch per stage. batch x accum is per GPU: on the
     # paper's 128 GPUs a cluster preset's 8x8 / 4x8 / 8x8 are its global batches; a launch on another number of
     # processes rederives accum from `global_batch` (Preset.stage_configs).
-    return StageConfig(steps=1000, batch_size=batch, grad_accum=accum, lr=1e-4, lr_end=1e-5, chunk_size=chunk)
+    # Clipping at global norm 1.0: the paper does not say; 1.0 is transformers' and TRL's default max_grad_norm.
+    return StageConfig(steps=1000, batch_size=batch, grad_accum=accum, lr=1e-4, lr_end=1e-5, chunk_size=chunk,
+                       max_grad_norm=1.0)
 
 
 # The cluster presets: SDPA attention (eager's (B, heads, T, T) scores are about 23 GiB a layer for the 72B at

@@ -353,6 +353,28 @@ class DeepSpeedBackend(_Distributed):
     def unwrap_model(self, module):
         return getattr(module, "module", module)
 
+    def global_grad_norm(self, module) -> torch.Tensor:
+        """The gradient's global L2 norm at the accumulation boundary (the loop's non-finite guard reads it). Under
+        ZeRO-3 `p.grad` is None: each rank reads its own fp32 partition of each gradient (`safe_get_local_grad`) and
+        the squares are summed over ranks; under ZeRO-1/2 `safe_get_full_grad` gives each whole gradient."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+        sq, partitioned = torch.zeros((), dtype=torch.float32, device=self.device), False
+        for p in self.unwrap_model(module).parameters():
+            if not p.requires_grad:
+                continue
+            partitioned |= hasattr(p, "ds_id")
+            g = safe_get_local_grad(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
+            if g is not None:
+                sq = sq + g.float().pow(2).sum()
+        if partitioned:
+            dist.all_reduce(sq)
+        return sq.sqrt()
+
+    def clip_in_step(self, max_norm: float) -> None:
+        """DeepSpeed clips inside its optimizer step, from the ZeRO optimizer's `clip_grad` (a launch config's
+        gradient_clipping sets the same attribute at start and applies where a stage sets none)."""
+        self.engine.optimizer.clip_grad = max_norm or self.clip
+
     def full_state_dict(self, module) -> dict[str, torch.Tensor]:
         """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it (ZeRO-3 gathers)."""
         import deepspeed
