@@ -251,6 +251,30 @@ def all_finite(acc, finite: torch.Tensor, module: nn.Module) -> bool:
     return bool(ok)
 
 
+def total(acc, t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over processes."""
+    return acc.reduce(t, "sum") if acc.num_processes > 1 else t
+
+
+def scale_gradients(acc, module: nn.Module, c: torch.Tensor) -> None:
+    """Multiply the (synchronized) gradient by `c`; a backend that holds it itself (ZeRO-3) scales its partitions.
+
+    How the loss is normalised (TRL's rule, and the paper's token-level losses): by the answer tokens of the whole
+    window, all its micro-batches on all processes, so a long answer weighs as many tokens as it has. Each micro-batch
+    backpropagates its token-mean loss times its token count n_i; the backends divide by grad_accum and average over
+    processes; at the window's end, with the global count N known, the gradient is scaled by grad_accum x processes / N.
+    The unit is the student's answer tokens (known before any forward): exact for stage 3; for the teacher-head terms
+    of stages 1-2 the teacher's own answer tokens are proportional to it up to the two tokenizers' ratio."""
+    own = getattr(acc, "scale_grads", None)
+    if own is not None:
+        own(module, c)
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # an FSDP2 shard scales in place
+            g.mul_(c.to(g.dtype))
+
+
 def clip_gradients(acc, module: nn.Module, max_norm: float) -> None:
     """Scale the gradient to a global L2 norm of at most `max_norm` (0: off). A backend that clips inside its own
     optimizer step (DeepSpeed: `clip_in_step`) is told the limit instead."""
@@ -338,9 +362,11 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
     bar = tqdm(total=cfg.steps, initial=st.step, desc=f"stage {stage}", leave=False,
                disable=not progress or not acc.is_local_main_process)
     module.train()
+    per_token = cfg.grad_accum > 1 or acc.num_processes > 1  # one micro-batch on one process: already the mean
     while st.step < cfg.steps:
         # 1. grad_accum micro-batches: the teacher's targets, the stage's loss terms, backward
         skipped, ids, finite = False, [], torch.tensor(True, device=acc.device)
+        tokens = torch.zeros((), device=acc.device)  # answer tokens of the window on this process
         for _ in range(cfg.grad_accum):
             s_batch, t_batch, idx = next(st.batches)
             ids += idx.tolist()
@@ -348,9 +374,14 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
                 t = teacher_fn(t_batch, idx).to(acc.device) if distil else None
                 terms = module(stage, s_batch, t, cfg)
                 finite = finite & torch.isfinite(terms["loss"].detach())
-                acc.backward(terms["loss"])
+                n = s_batch["a_lens"].sum()
+                tokens = tokens + n
+                acc.backward(terms["loss"] * n if per_token else terms["loss"])
                 # 2. the optimizer steps where the accumulation window closes, unless something is non-finite
                 if acc.sync_gradients:
+                    if per_token:
+                        scale_gradients(acc, module, cfg.grad_accum * acc.num_processes / total(acc, tokens))
+                        tokens = torch.zeros((), device=acc.device)
                     if all_finite(acc, finite, module):
                         clip_gradients(acc, module, cfg.max_grad_norm)
                         opt.step()

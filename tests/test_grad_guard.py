@@ -18,7 +18,7 @@ import copy, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                   DS_ACCELERATOR="cpu", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
 import torch
-from minigenrecal.loop import all_finite, clip_gradients, grad_norm
+from minigenrecal.loop import all_finite, clip_gradients, grad_norm, scale_gradients
 from minigenrecal.scale.backends import DeepSpeedBackend
 
 b = DeepSpeedBackend()
@@ -48,6 +48,10 @@ un_opt.step()
 ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
 print("grads_none", all(p.grad is None for p in engine.module.parameters()))
 torch.testing.assert_close(grad_norm(b, engine), ref_norm)
+scale_gradients(b, engine, torch.tensor(2.0))  # the token normalisation's scaling reaches the partitions
+torch.testing.assert_close(grad_norm(b, engine), 2 * ref_norm)
+scale_gradients(b, engine, torch.tensor(0.5))
+print("scaled", True)
 print("finite", all_finite(b, torch.tensor(True), engine))
 clip_gradients(b, engine, float(ref_norm) / 4)
 opt.step()
@@ -72,6 +76,7 @@ def test_zero3_guard_sees_partitioned_gradients_and_deepspeed_clips():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "-c", PROBE, "29571"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "scaled True" in r.stdout
     assert "grads_none True" in r.stdout  # what a guard reading p.grad would see: nothing
     assert "finite True" in r.stdout and "clipped_step_equal True" in r.stdout
     assert "loss_finite True guard False" in r.stdout  # a finite loss with a non-finite gradient is caught
@@ -96,3 +101,35 @@ def test_clip_gradients_scales_to_the_limit_and_zero_is_off():
         torch.testing.assert_close(p.grad, a * (float(norm) / 2) / (float(norm) + 1e-6))
     m.weight.grad[0, 0] = float("nan")
     assert not all_finite(_Acc(), torch.tensor(True), m)
+
+
+def test_loss_is_normalised_by_the_windows_answer_tokens(tiny_pair):
+    """Two micro-batches of one sample each (answers of different lengths) give the gradient of the token mean over
+    both answers, i.e. of the same two samples as one batch, not the mean of the two per-sample means."""
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.loop import Engine, PairData, train_stage
+    from minigenrecal.stages import StageConfig
+    _, make_student = tiny_pair
+    samples = [s for s in make_split(0, "train", 40)]
+    student = make_student(0)
+    encs = [student.encode(s) for s in samples]
+    a, b = next((x, y) for x in encs for y in encs if x.a_len != y.a_len)
+    data = PairData([a, b])
+    cfg = StageConfig(steps=1, batch_size=1, grad_accum=2, lr=1e-3)
+    engine = Engine(student, None, None, {3: cfg})
+    seen = {}
+    step = engine.opt.step
+
+    def record():
+        seen.update({n: p.grad.clone() for n, p in student.model.named_parameters() if p.grad is not None})
+        step()
+    engine.opt.step = record
+    ref = make_student(0)
+    ref.model.train()
+    batch = ref.collate([a, b])
+    ref.student_ce(ref.body(batch), batch).backward()  # one batch: the mean over all its answer tokens
+    train_stage(3, student, data, cfg, engine=engine, progress=False)
+    grads = dict(ref.model.named_parameters())
+    assert len(seen) > 10 and all("vision_model" not in n for n in seen)  # stage 3 trains the LLM
+    for n, g in seen.items():
+        torch.testing.assert_close(g, grads[n].grad, rtol=1e-4, atol=1e-7)

@@ -370,6 +370,18 @@ class DeepSpeedBackend(_Distributed):
             dist.all_reduce(sq)
         return sq.sqrt()
 
+    def scale_grads(self, module, c: torch.Tensor) -> None:
+        """Multiply the gradient by `c` (the loop's token normalisation) where DeepSpeed holds it: each rank's ZeRO-3
+        partitions, or the whole gradients under ZeRO-1/2."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+        for p in self.unwrap_model(module).parameters():
+            if not p.requires_grad:
+                continue
+            get, put = (safe_get_local_grad, safe_set_local_grad) if hasattr(p, "ds_id") else (safe_get_full_grad, safe_set_full_grad)
+            g = get(p)
+            if g is not None:
+                put(p, g * c.to(g.dtype))
+
     def clip_in_step(self, max_norm: float) -> None:
         """DeepSpeed clips inside its optimizer step, from the ZeRO optimizer's `clip_grad` (a launch config's
         gradient_clipping sets the same attribute at start and applies where a stage sets none)."""
