@@ -133,3 +133,15 @@ def test_loss_is_normalised_by_the_windows_answer_tokens(tiny_pair):
     assert len(seen) > 10 and all("vision_model" not in n for n in seen)  # stage 3 trains the LLM
     for n, g in seen.items():
         torch.testing.assert_close(g, grads[n].grad, rtol=1e-4, atol=1e-7)
+
+
+def test_zero3_config_is_sized_from_the_hidden_size(monkeypatch):
+    """ZeRO-3's buckets from d (TRL's prepare_deepspeed rule), overlapped communication, two 72B layers live."""
+    from minigenrecal.scale import backends
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    t = backends.zero3_tuning(3, 8192)
+    assert t["reduce_bucket_size"] == 8192 ** 2 and t["stage3_prefetch_bucket_size"] == int(0.9 * 8192 ** 2)
+    assert t["stage3_param_persistence_threshold"] == 81920 and t["overlap_comm"] is True
+    layer_72b = 8192 * (8192 + 2 * 1024 + 8192) + 3 * 8192 * 29568  # q, k, v, o (8 KV heads of 128) + gated MLP
+    assert t["stage3_max_live_parameters"] >= 2 * layer_72b > 10 ** 9
+    assert backends.zero3_tuning(2, 8192) == {} and backends.zero3_tuning(3, None) == {}

@@ -310,6 +310,19 @@ def import_modeling_modules(config) -> list[str]:
     return sorted(set(names))
 
 
+def zero3_tuning(zero_stage: int, hidden: int | None) -> dict:
+    """ZeRO-3 communication sizes from the LLM's hidden size d, as TRL's `prepare_deepspeed` sets them: reduce bucket
+    d^2, prefetch bucket 0.9 d^2, parameters under 10 d elements kept whole (norms, biases); plus overlapped
+    communication, and a live-parameter limit of two 72B decoder layers (about 0.88B parameters each) instead of
+    DeepSpeed's 1e9, so the next layer is fetched while one runs. Nothing for other stages, an unknown d, or a CPU
+    launch (the gloo tests keep DeepSpeed's defaults: the sizes are for NCCL on GPUs)."""
+    if zero_stage != 3 or not hidden or not torch.cuda.is_available():
+        return {}
+    return {"overlap_comm": True, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden,
+            "stage3_max_live_parameters": 2 * 10 ** 9, "stage3_max_reuse_distance": 2 * 10 ** 9}
+
+
 class DeepSpeedBackend(_Distributed):
     """DeepSpeed: one training engine for the student module (the launch's ZeRO stage, from accelerate's
     environment), and one ZeRO-3 inference engine for the teacher, which is loaded while its config is alive
@@ -327,10 +340,10 @@ class DeepSpeedBackend(_Distributed):
         self.engine, self.engines = None, []
         self.teacher_loaded_partitioned = None  # recorded for the load-order check
 
-    def config(self, zero_stage: int, train: bool = True) -> dict:
+    def config(self, zero_stage: int, train: bool = True, hidden: int | None = None) -> dict:
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": self.bf16}, "steps_per_print": 10 ** 9,
-               "wall_clock_breakdown": False}
+               "zero_optimization": {"stage": zero_stage, **zero3_tuning(zero_stage, hidden)},
+               "bf16": {"enabled": self.bf16}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
         if train and self.clip > 0:
             cfg["gradient_clipping"] = self.clip
         return cfg
@@ -340,7 +353,9 @@ class DeepSpeedBackend(_Distributed):
 
     def prepare_module(self, module, opt):
         import deepspeed
-        self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.config(self.zero_stage))
+        hidden = getattr(getattr(module, "student_view", None), "text_config", None)
+        cfg = self.config(self.zero_stage, hidden=getattr(hidden, "hidden_size", None))
+        self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
         self.engines.append(self.engine)
         return self.engine, _EngineOptimizer(self.engine, self), ds_opt.optimizer
 
@@ -402,8 +417,11 @@ class DeepSpeedBackend(_Distributed):
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
-        cfg = self.config(3, train=False)
-        self.teacher_modeling_modules = import_modeling_modules(load.config())  # before zero.Init: see its docstring
+        config = load.config()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = getattr(config, "llm_config", None) or text  # InternVL's remote config keeps its LLM's there
+        cfg = self.config(3, train=False, hidden=getattr(text, "hidden_size", None))
+        self.teacher_modeling_modules = import_modeling_modules(config)  # before zero.Init: see its docstring
         alive = HfDeepSpeedConfig(cfg)  # must exist before from_pretrained: transformers then uses zero.Init
         model, proc = load(False)
         self.teacher_loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
