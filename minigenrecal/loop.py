@@ -275,6 +275,25 @@ def scale_gradients(acc, module: nn.Module, c: torch.Tensor) -> None:
             g.mul_(c.to(g.dtype))
 
 
+def per_token(acc, cfg: StageConfig) -> bool:
+    """Is the loss normalised over a window (`scale_gradients`)? Not for one micro-batch on one process: its token
+    mean already is, and the loss histories stay bit-identical."""
+    return cfg.grad_accum > 1 or acc.num_processes > 1
+
+
+def close_window(acc, module: nn.Module, opt, sched, cfg: StageConfig, finite: torch.Tensor, tokens) -> bool:
+    """The accumulation window's end: normalise by its answer tokens, then clip and step unless the loss or the
+    gradient is non-finite (the step is skipped); returns whether it stepped."""
+    if per_token(acc, cfg):
+        scale_gradients(acc, module, cfg.grad_accum * acc.num_processes / total(acc, tokens))
+    if not all_finite(acc, finite, module):
+        return False
+    clip_gradients(acc, module, cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    return True
+
+
 def clip_gradients(acc, module: nn.Module, max_norm: float) -> None:
     """Scale the gradient to a global L2 norm of at most `max_norm` (0: off). A backend that clips inside its own
     optimizer step (DeepSpeed: `clip_in_step`) is told the limit instead."""
@@ -362,11 +381,9 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
     bar = tqdm(total=cfg.steps, initial=st.step, desc=f"stage {stage}", leave=False,
                disable=not progress or not acc.is_local_main_process)
     module.train()
-    per_token = cfg.grad_accum > 1 or acc.num_processes > 1  # one micro-batch on one process: already the mean
     while st.step < cfg.steps:
         # 1. grad_accum micro-batches: the teacher's targets, the stage's loss terms, backward
-        skipped, ids, finite = False, [], torch.tensor(True, device=acc.device)
-        tokens = torch.zeros((), device=acc.device)  # answer tokens of the window on this process
+        skipped, ids, finite, tokens = False, [], torch.tensor(True, device=acc.device), 0  # tokens: the window's answers
         for _ in range(cfg.grad_accum):
             s_batch, t_batch, idx = next(st.batches)
             ids += idx.tolist()
@@ -376,19 +393,11 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
                 finite = finite & torch.isfinite(terms["loss"].detach())
                 n = s_batch["a_lens"].sum()
                 tokens = tokens + n
-                acc.backward(terms["loss"] * n if per_token else terms["loss"])
+                acc.backward(terms["loss"] * n if per_token(acc, cfg) else terms["loss"])
                 # 2. the optimizer steps where the accumulation window closes, unless something is non-finite
                 if acc.sync_gradients:
-                    if per_token:
-                        scale_gradients(acc, module, cfg.grad_accum * acc.num_processes / total(acc, tokens))
-                        tokens = torch.zeros((), device=acc.device)
-                    if all_finite(acc, finite, module):
-                        clip_gradients(acc, module, cfg.max_grad_norm)
-                        opt.step()
-                        sched.step()
-                    else:
-                        skipped = True
-                    finite = torch.tensor(True, device=acc.device)
+                    skipped |= not close_window(acc, module, opt, sched, cfg, finite, tokens)
+                    finite, tokens = torch.tensor(True, device=acc.device), 0
                 opt.zero_grad()
         # 3. record the step (the stage's LR: groups it does not train run at 0), guard, callbacks
         rec = {k: v.item() for k, v in terms.items()}
