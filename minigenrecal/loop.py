@@ -227,16 +227,81 @@ def skips_message(st, loss: float, ids: list[int], process: int) -> str:
             f"{ids}, process {process})")
 
 
+def grad_norm(acc, module: nn.Module) -> torch.Tensor | None:
+    """The (synchronized) gradient's global L2 norm: the backend's own where it holds the gradients itself (ZeRO-3
+    partitions them: `p.grad` is None there), else over `p.grad` (an FSDP2 DTensor norm is made whole)."""
+    own = getattr(acc, "global_grad_norm", None)
+    if own is not None:
+        return own(module)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def all_finite(acc, finite: torch.Tensor, module: nn.Module) -> bool:
     """Were the losses finite (`finite`), and is the (synchronized) gradient? One verdict on every process."""
     ok = finite.to(acc.device)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads)
-        ok = ok & torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = grad_norm(acc, module)
+    if norm is not None:
+        ok = ok & torch.isfinite(norm)
     if acc.num_processes > 1:
         ok = acc.reduce((~ok).float(), "sum") == 0
     return bool(ok)
+
+
+def total(acc, t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over processes."""
+    return acc.reduce(t, "sum") if acc.num_processes > 1 else t
+
+
+def scale_gradients(acc, module: nn.Module, c: torch.Tensor) -> None:
+    """Multiply the (synchronized) gradient by `c`; a backend that holds it itself (ZeRO-3) scales its partitions.
+
+    How the loss is normalised (TRL's rule, and the paper's token-level losses): by the answer tokens of the whole
+    window, all its micro-batches on all processes, so a long answer weighs as many tokens as it has. Each micro-batch
+    backpropagates its token-mean loss times its token count n_i; the backends divide by grad_accum and average over
+    processes; at the window's end, with the global count N known, the gradient is scaled by grad_accum x processes / N.
+    The unit is the student's answer tokens (known before any forward): exact for stage 3; for the teacher-head terms
+    of stages 1-2 the teacher's own answer tokens are proportional to it up to the two tokenizers' ratio."""
+    own = getattr(acc, "scale_grads", None)
+    if own is not None:
+        own(module, c)
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # an FSDP2 shard scales in place
+            g.mul_(c.to(g.dtype))
+
+
+def per_token(acc, cfg: StageConfig) -> bool:
+    """Is the loss normalised over a window (`scale_gradients`)? Not for one micro-batch on one process: its token
+    mean already is, and the loss histories stay bit-identical."""
+    return cfg.grad_accum > 1 or acc.num_processes > 1
+
+
+def close_window(acc, module: nn.Module, opt, sched, cfg: StageConfig, finite: torch.Tensor, tokens) -> bool:
+    """The accumulation window's end: normalise by its answer tokens, then clip and step unless the loss or the
+    gradient is non-finite (the step is skipped); returns whether it stepped."""
+    if per_token(acc, cfg):
+        scale_gradients(acc, module, cfg.grad_accum * acc.num_processes / total(acc, tokens))
+    if not all_finite(acc, finite, module):
+        return False
+    clip_gradients(acc, module, cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    return True
+
+
+def clip_gradients(acc, module: nn.Module, max_norm: float) -> None:
+    """Scale the gradient to a global L2 norm of at most `max_norm` (0: off). A backend that clips inside its own
+    optimizer step (DeepSpeed: `clip_in_step`) is told the limit instead."""
+    own = getattr(acc, "clip_in_step", None)
+    if own is not None:
+        own(max_norm)
+    elif max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
 # -- callbacks: what plugs into the loop -------------------------------------------------------------------------
@@ -318,7 +383,7 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
     module.train()
     while st.step < cfg.steps:
         # 1. grad_accum micro-batches: the teacher's targets, the stage's loss terms, backward
-        skipped, ids, finite = False, [], torch.tensor(True, device=acc.device)
+        skipped, ids, finite, tokens = False, [], torch.tensor(True, device=acc.device), 0  # tokens: the window's answers
         for _ in range(cfg.grad_accum):
             s_batch, t_batch, idx = next(st.batches)
             ids += idx.tolist()
@@ -326,15 +391,13 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
                 t = teacher_fn(t_batch, idx).to(acc.device) if distil else None
                 terms = module(stage, s_batch, t, cfg)
                 finite = finite & torch.isfinite(terms["loss"].detach())
-                acc.backward(terms["loss"])
+                n = s_batch["a_lens"].sum()
+                tokens = tokens + n
+                acc.backward(terms["loss"] * n if per_token(acc, cfg) else terms["loss"])
                 # 2. the optimizer steps where the accumulation window closes, unless something is non-finite
                 if acc.sync_gradients:
-                    if all_finite(acc, finite, module):
-                        opt.step()
-                        sched.step()
-                    else:
-                        skipped = True
-                    finite = torch.tensor(True, device=acc.device)
+                    skipped |= not close_window(acc, module, opt, sched, cfg, finite, tokens)
+                    finite, tokens = torch.tensor(True, device=acc.device), 0
                 opt.zero_grad()
         # 3. record the step (the stage's LR: groups it does not train run at 0), guard, callbacks
         rec = {k: v.item() for k, v in terms.items()}

@@ -30,6 +30,7 @@ class StageConfig:
     reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2: docs/method.md, dec. 6)
     train_recal: bool = True  # False freezes the Recalibrator in stage 2 (a diagnostic variant, not the paper's)
     chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
+    max_grad_norm: float = 0.0  # clip the gradient's global L2 norm to this (0: off; the paper does not say)
     seed: int = 0
 
 

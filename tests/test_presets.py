@@ -1,5 +1,6 @@
 """Every preset's pair, built at tiny size from the same model classes, runs one step of each stage;
 the InternVL2.5 remote-code adapter matches the native InternVL model it is stood in by."""
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +138,146 @@ def test_internvl_remote_pair_three_stages():
     _, _, s_adapter, s_proc = _adapted(0, 32)
     t_adapter.requires_grad_(False)
     run_three_stages(VLMView(t_adapter, t_proc, name="teacher"), VLMView(s_adapter, s_proc, name="student"))
+
+
+# -- what a real launch needs from the presets and the hub loading (docs/scaling.md, "8-GPU checklist") ------
+def test_internvl_saved_student_reloads_with_its_own_class(tmp_path):
+    """A launch saves the InternVL2.5 student through the adapter: the keys are InternVLChatModel's own, so the
+    family's class loads every one of them (none missing, none unexpected), and the tiling processor comes back."""
+    from safetensors.torch import load_file, save_file
+    from minigenrecal.loop import AccelerateBackend
+    from minigenrecal.models.hub import TILE_PROCESSOR_FILE
+    from minigenrecal.scale.launch import save_outputs
+    from minigenrecal.stages import GenRecal
+
+    def save_pretrained(self, path, state_dict=None, **_):  # what PreTrainedModel.save_pretrained writes: the keys
+        path.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+
+    _, _, adapter, tp = _adapted(0, 32, tiles=True)
+    type(adapter.chat).save_pretrained = save_pretrained
+    student = VLMView(adapter, tp, name="student")
+    recal = Recalibrator(64, student.text_config)
+    module = GenRecal(student, recal, None)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.5)  # "trained" weights, unlike any fresh build
+    save_outputs(AccelerateBackend(), module, student, recal, tmp_path, True)
+    saved = load_file(str(tmp_path / "student" / "model.safetensors"))
+    _, _, fresh, _ = _adapted(1, 32)
+    missing, unexpected = fresh.chat.load_state_dict(saved, strict=False)
+    assert (missing, unexpected) == ([], []) and len(saved) == len(fresh.chat.state_dict())
+    for k, v in fresh.chat.state_dict().items():
+        torch.testing.assert_close(v, adapter.chat.state_dict()[k], rtol=0, atol=0)
+    assert (tmp_path / "student" / TILE_PROCESSOR_FILE).is_file()
+    back = InternVLTileProcessor.from_saved(tmp_path / "student", tp.tokenizer)
+    s = make_split(0, "train", 1)[0]
+    assert VLMView(adapter, back).encode(s).input_ids.tolist() == student.encode(s).input_ids.tolist()
+    with pytest.raises(ValueError, match="not the chat model's"):
+        adapter.chat_state_dict({"recal.proj_pre.weight": torch.zeros(1)})
+
+
+def test_paper_global_batches_on_any_world_size():
+    """The cluster presets train at the paper's global batches 8,192 / 4,096 / 8,192 (batch x accum x processes)."""
+    for name, p in PRESETS.items():
+        if p.accelerate_config != "configs/zero3.yaml":
+            continue
+        for world in (8, 16, 32, 128):
+            cfgs = p.stage_configs(world)
+            assert [c.batch_size * c.grad_accum * world for c in cfgs.values()] == [8192, 4096, 8192], (name, world)
+        # the per-GPU numbers as written are the paper's on its 128 GPUs
+        assert [c.batch_size * c.grad_accum * 128 for c in p.stages().values()] == [8192, 4096, 8192], name
+        assert p.stage_configs(8, grad_accum=2)[2].grad_accum == 2  # an explicit accumulation wins
+        assert p.stage_configs(8, batch_size=2)[2].grad_accum == 4096 // 16
+        with pytest.raises(ValueError, match="stage 1's global batch 8192 is not a multiple of batch_size 8 x 3"):
+            p.stage_configs(3)
+    tiny = get_preset("tiny")
+    assert tiny.stage_configs(8) == tiny.stages()  # no global batch: the table as written
+
+
+def _stand_in_hub(monkeypatch, attn_impl="eager"):
+    """transformers' AutoModel / AutoTokenizer replaced by the stand-in InternVL (its LLM built with `attn_impl`);
+    returns the keywords each was called with."""
+    import copy
+    import transformers
+    native, proc = build_tiny_vlm("internvl", seed=0, d=32)
+    native.config.text_config._attn_implementation = attn_impl
+    chat = RemoteLayoutInternVL(native)
+    calls = {}
+
+    def model_from_pretrained(name, **kw):
+        calls["model"] = kw
+        return chat
+
+    def tok_from_pretrained(name, **kw):
+        calls["tokenizer"] = kw
+        return copy.deepcopy(proc.tokenizer)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", model_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tok_from_pretrained)
+    return calls
+
+
+def test_remote_code_loads_pinned_and_off_eager_attention(monkeypatch):
+    """A remote-code hub id needs a pinned revision, which reaches every from_pretrained; the loaded LLM runs SDPA
+    where InternVL's remote code would leave it eager, and flash-attn is asked for where it is installed."""
+    from minigenrecal.models.hub import load_hub_vlm
+    calls = _stand_in_hub(monkeypatch)
+    with pytest.raises(ValueError, match="pin the commit"):
+        load_hub_vlm("OpenGVLab/InternVL2_5-8B", "float32", remote_code=True, attn="sdpa")
+    adapter, proc = load_hub_vlm("OpenGVLab/InternVL2_5-8B", "float32", remote_code=True, attn="sdpa", revision="0123abc")
+    assert calls["model"]["revision"] == calls["tokenizer"]["revision"] == "0123abc"
+    assert calls["model"]["use_flash_attn"] is True and calls["model"]["trust_remote_code"] is True
+    assert adapter.chat.language_model.config._attn_implementation == "sdpa"
+    assert isinstance(proc, InternVLTileProcessor)
+
+
+def test_real_presets_load_with_sdpa_and_activation_checkpointing(tmp_path):
+    """The real presets' loading defaults reach the model (the memory they save shows on a GPU only)."""
+    from minigenrecal.models.loading import load_student_only
+    native, proc = build_tiny_vlm("llava", seed=0, d=32)
+    native.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    for name, p in PRESETS.items():
+        if name != "tiny":
+            assert p.attn == "sdpa" and p.checkpointing, name
+    preset = get_preset("smolvlm-256m<-qwen2-vl-2b", student=str(tmp_path), attn="eager")
+    loaded = load_student_only(preset, tiny_random=False)
+    assert loaded.text_config._attn_implementation == "eager"  # the preset's choice reaches the build
+    loaded = load_student_only(replace(preset, attn="sdpa"), tiny_random=False)
+    assert loaded.text_config._attn_implementation == "sdpa" and loaded.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("internvl", [False, True])
+def test_activation_checkpointing_keeps_loss_and_gradients(internvl):
+    """Checkpointed layers recompute the same forward: the student's loss and every gradient are bit-identical."""
+    from minigenrecal.models.loading import checkpoint_activations
+
+    def loss_and_grads(checkpointed):
+        if internvl:
+            _, _, model, p = _adapted(0, 32)
+        else:
+            model, p = build_tiny_vlm("llava", seed=0, d=32)
+        names = checkpoint_activations(model) if checkpointed else []
+        view = VLMView(model, p)
+        model.train()
+        batch = view.collate([view.encode(s) for s in make_split(0, "train", 2)])
+        loss = view.student_ce(view.body(batch), batch)
+        loss.backward()
+        return names, loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.grad is not None}
+    names, loss, grads = loss_and_grads(True)
+    _, loss0, grads0 = loss_and_grads(False)
+    assert names and all(".language_model" in n or n.startswith("model") for n in names)
+    assert loss == loss0 and grads.keys() == grads0.keys() and len(grads) > 0
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=0, atol=0)
+
+
+def test_internvl_adapter_builds_no_kv_cache():
+    _, _, adapter, tp = _adapted(0, 32)
+    view = VLMView(adapter, tp)
+    caches = []
+    adapter.chat.language_model.model.register_forward_hook(lambda m, a, out: caches.append(out.get("cache")))
+    with torch.no_grad():
+        view.body(view.collate([view.encode(s) for s in make_split(0, "train", 2)]))
+    assert caches == [None]

@@ -209,18 +209,19 @@ def test_teacher_forward_answer_embeddings_are_the_teachers_input_embeddings(tin
 
 # -- 3. train_stage is AdamW on the stage loss, with the LR schedule and accumulation it promises ----------
 def _adamw_reference(model, micro_batches, lrs, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-    """Stage 3 by hand: per step the mean of the micro-batches' answer CEs, then AdamW with decoupled weight decay,
-    on every student parameter but the vision encoder's. Returns the loss of each step's first micro-batch."""
+    """Stage 3 by hand: per step the micro-batches' answer CEs weighted by their answer tokens (the mean over every
+    answer token of the window), then AdamW with decoupled weight decay, on every student parameter but the vision
+    encoder's. Returns the loss of each step's first micro-batch."""
     params = [p for n, p in model.named_parameters() if "vision_model" not in n]
     m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-    losses = []
+    losses, tokens = [], [int(mb["a_lens"].sum()) for mb in micro_batches]
     for k, lr in enumerate(lrs, 1):
         grads = [torch.zeros_like(p) for p in params]
         for i, mb in enumerate(micro_batches):
             loss = _answer_ce_from_logits(model(**_model_inputs(mb)).logits, mb)
             losses += [loss.item()] if i == 0 else []
             for g, d in zip(grads, torch.autograd.grad(loss, params)):
-                g += d / len(micro_batches)
+                g += d * tokens[i] / sum(tokens)
         with torch.no_grad():
             for p, g, mk, vk in zip(params, grads, m, v):
                 mk.mul_(betas[0]).add_((1 - betas[0]) * g)
@@ -232,7 +233,7 @@ def _adamw_reference(model, micro_batches, lrs, weight_decay, betas=(0.9, 0.999)
 
 def test_train_stage_equals_a_hand_written_adamw_loop(tiny_pair, samples):
     """3 optimizer steps of stage 3 on two samples. grad_accum=1: one full batch per step. grad_accum=2: batches
-    of one sample, so each step averages both samples' CEs whatever the shuffle order."""
+    of one sample, so each step weights both samples' CEs by their answer tokens whatever the shuffle order."""
     import copy
     _, make_student = tiny_pair
     cases = [  # grad_accum, batch size, warmup steps, the LR of each step (lr 1e-2 -> lr_end 1e-3 over 3 steps)

@@ -14,6 +14,9 @@ docs/scaling.md.
 """
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn as nn
 
 from minigenrecal.models.families import SimpleProcessor, load_processor, model_type_of_dir
 
+TILE_PROCESSOR_FILE = "tile_processor.json"  # InternVLTileProcessor's settings beside a saved student
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INTERNVL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
                    "多模态大语言模型。")
@@ -39,6 +43,25 @@ class InternVLTileProcessor(SimpleProcessor):
 
     def __init__(self, tokenizer, image_processor, image_seq_length: int = 256, image_token: str = "<IMG_CONTEXT>"):
         super().__init__(tokenizer, image_processor, "internvl", image_token, image_seq_length)
+
+    def save_pretrained(self, path) -> None:
+        """Tokenizer (with the chat template), the tiling image processor and TILE_PROCESSOR_FILE: what
+        `load_hub_vlm` reads back from a saved student's directory."""
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        (path / TILE_PROCESSOR_FILE).write_text(json.dumps({"image_seq_length": self.image_seq_length,
+                                                            "image_token": self.image_token}) + "\n")
+
+    @classmethod
+    def from_saved(cls, path, tokenizer) -> "InternVLTileProcessor | None":
+        """The processor `save_pretrained` wrote in `path` (None where there is none, e.g. a hub checkpoint)."""
+        from transformers import GotOcr2ImageProcessorPil
+        path = Path(path)
+        if not (path / TILE_PROCESSOR_FILE).is_file():
+            return None
+        cfg = json.loads((path / TILE_PROCESSOR_FILE).read_text())
+        return cls(tokenizer, GotOcr2ImageProcessorPil.from_pretrained(path), cfg["image_seq_length"], cfg["image_token"])
 
 
 def internvl_image_processor(tile: int = 448, max_tiles: int = 12):
@@ -65,7 +88,8 @@ class _InternVLChatBody(nn.Module):
             if n_tok != vit.shape[0] * vit.shape[1]:
                 raise ValueError(f"{n_tok} <IMG_CONTEXT> tokens but {vit.shape[0]} tiles x {vit.shape[1]} features")
             emb = emb.masked_scatter(mask, vit.to(emb.dtype))
-        out = chat.language_model.model(inputs_embeds=emb, attention_mask=attention_mask)
+        # use_cache=False: a training forward reads only the features; a KV cache would be built and thrown away
+        out = chat.language_model.model(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False)
         return SimpleNamespace(last_hidden_state=out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
 
@@ -80,6 +104,9 @@ class _ChatConfig:
 
     def get_text_config(self, *a, **k):
         return self._cfg.llm_config
+
+
+CHAT_PREFIX = "model.chat."  # where the adapter holds the remote model: `.model` (the body) -> `.chat`
 
 
 class InternVLChatAdapter(nn.Module):
@@ -112,8 +139,18 @@ class InternVLChatAdapter(nn.Module):
         new = self.chat.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kw)
         return torch.cat([input_ids, new.to(input_ids.device)], 1)
 
-    def save_pretrained(self, *a, **k):
-        return self.chat.save_pretrained(*a, **k)
+    def chat_state_dict(self, state_dict: dict) -> dict:
+        """The adapter's keys (`model.chat.language_model.…`) as InternVLChatModel's own (`language_model.…`)."""
+        other = sorted(k for k in state_dict if not k.startswith(CHAT_PREFIX))
+        if other:
+            raise ValueError(f"{len(other)} keys are not the chat model's (no {CHAT_PREFIX!r} prefix), e.g. {other[:3]}")
+        return {k[len(CHAT_PREFIX):]: v for k, v in state_dict.items()}
+
+    def save_pretrained(self, path, state_dict: dict | None = None, **k):
+        """The remote model's own save, with a given state dict's keys renamed to its layout, so the directory
+        reloads with `AutoModel.from_pretrained(path, trust_remote_code=True)` (and `load_hub_vlm`)."""
+        sd = None if state_dict is None else self.chat_state_dict(state_dict)
+        return self.chat.save_pretrained(path, state_dict=sd, **k)
 
 
 def is_remote_internvl(hub_id: str) -> bool:
@@ -125,20 +162,57 @@ def is_remote_internvl(hub_id: str) -> bool:
     return hub_id.startswith("OpenGVLab/InternVL") and not hub_id.endswith("-hf")
 
 
-def load_hub_vlm(hub_id: str, dtype: str = "bfloat16", remote_code: bool = False):
+def pinned(hub_id: str, revision: str | None, remote_code: bool) -> dict:
+    """`from_pretrained` keywords that pin what is loaded. Remote code is Python from the model's repository and runs
+    on every rank: a hub id loaded with it must name a `revision` (a commit hash, set in the preset); a local
+    directory is already fixed and takes none."""
+    if Path(hub_id).is_dir():
+        return {}
+    if remote_code and not revision:
+        raise ValueError(f"{hub_id} loads with trust_remote_code, which runs the repository's own Python: pin the "
+                         "commit you have read (the preset's teacher_revision / student_revision), or pass a local "
+                         "copy of the checkpoint as --teacher / --student")
+    return {"revision": revision} if revision else {}
+
+
+def prefer_sdpa(lm: nn.Module) -> str:
+    """Switch a loaded LLM off eager attention where its class allows SDPA; returns the implementation it runs.
+    InternVL's remote code sets its LLM to 'eager' unless flash-attn is installed: the 78B's Qwen2 LLM is a
+    transformers class and takes SDPA here; the 8B's InternLM2 remote code has only 'eager' and
+    'flash_attention_2', so it needs flash-attn on the GPU machines (docs/scaling.md)."""
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if impl == "eager" and getattr(lm, "_supports_sdpa", False):
+        lm.set_attn_implementation("sdpa")
+        impl = lm.config._attn_implementation
+    if impl == "eager":
+        warnings.warn(f"{type(lm).__name__} runs eager attention, whose (B, heads, T, T) scores do not fit at "
+                      "InternVL's real lengths: install flash-attn on the GPU machines")
+    return impl
+
+
+def load_hub_vlm(hub_id: str, dtype: str = "bfloat16", remote_code: bool = False, attn: str | None = None,
+                 revision: str | None = None):
     """(model, processor) of a hub id or local directory. With `remote_code`, InternVL2.5 loads wrapped in
-    `InternVLChatAdapter` (a preset's flag covers both sides; a native model on the other side still loads natively)."""
+    `InternVLChatAdapter` (a preset's flag covers both sides; a native model on the other side still loads natively).
+    `attn`: the attention implementation ('sdpa', 'flash_attention_2'; None: transformers' default); `revision`: the
+    commit to load (required for remote code from the hub, see `pinned`)."""
     from transformers import AutoModel, AutoModelForImageTextToText, AutoTokenizer
     dt = getattr(torch, dtype)
-    if not (remote_code and is_remote_internvl(hub_id)):
-        model = AutoModelForImageTextToText.from_pretrained(hub_id, dtype=dt).eval()
-        return model, load_processor(hub_id, model.config.model_type)
+    remote = remote_code and is_remote_internvl(hub_id)
+    pin = pinned(hub_id, revision, remote)
+    if not remote:
+        model = AutoModelForImageTextToText.from_pretrained(hub_id, dtype=dt, attn_implementation=attn, **pin).eval()
+        return model, load_processor(hub_id, model.config.model_type, **pin)
+    # use_flash_attn: the remote code takes flash-attn where it is installed (its ViT too), else 'eager'
     chat = AutoModel.from_pretrained(hub_id, dtype=dt, trust_remote_code=True, low_cpu_mem_usage=True,
-                                     use_flash_attn=False).eval()
-    tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=True, use_fast=False)
+                                     use_flash_attn=attn != "eager", **pin).eval()
+    if attn != "eager":
+        prefer_sdpa(chat.language_model)
+    tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=True, use_fast=False, **pin)
     tok.chat_template = INTERNVL25_TEMPLATE
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     tok.eos_token = "<|im_end|>"
     chat.generation_config.eos_token_id = eos
-    proc = InternVLTileProcessor(tok, internvl_image_processor(), image_seq_length=chat.num_image_token)
+    proc = (InternVLTileProcessor.from_saved(hub_id, tok) if Path(hub_id).is_dir() else None) or \
+        InternVLTileProcessor(tok, internvl_image_processor(), image_seq_length=chat.num_image_token)
     return InternVLChatAdapter(chat, tok.convert_tokens_to_ids("<IMG_CONTEXT>")), proc

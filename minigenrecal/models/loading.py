@@ -17,8 +17,22 @@ def load_student_only(preset, tiny_random: bool):
         model, proc = build_student(0)
     else:
         from minigenrecal.models.hub import load_hub_vlm
-        model, proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code)
+        model, proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code, preset.attn, preset.student_revision)
+        if preset.checkpointing:
+            checkpoint_activations(model)
     return VLMView(model, proc, preset.max_length, name="student")
+
+
+def checkpoint_activations(model: torch.nn.Module) -> list[str]:
+    """Activation checkpointing on every layer stack of `model` that supports it (non-reentrant: frozen inputs and a
+    student body run under no_grad in stage 1 need no special case); returns the names of the modules it switched
+    on. An InternVL2.5 adapter's LLM is the remote model's `language_model`, whose own save keys stay untouched."""
+    target = model.chat.language_model if hasattr(model, "chat") else model
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    names = [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not names:
+        raise ValueError(f"{type(target).__name__} has no layer stack that supports activation checkpointing")
+    return names
 
 
 def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = None):
@@ -43,24 +57,28 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
             with ctx:
                 model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path))
             return model.eval(), LlavaProcessor.from_pretrained(path)
-        from minigenrecal.models.hub import load_hub_vlm
+        from minigenrecal.models.hub import load_hub_vlm, pinned
         if not meta:
-            return load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code)
+            return load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code, preset.attn, preset.teacher_revision)
         if preset.remote_code:
             raise ValueError(f"{preset.teacher} loads through remote code, which cannot be built on the meta device "
                              "for FSDP: launch with configs/zero3.yaml instead")
         from transformers import AutoConfig, AutoModelForImageTextToText
         from minigenrecal.models.families import load_processor
-        config = AutoConfig.from_pretrained(preset.teacher)
+        pin = pinned(preset.teacher, preset.teacher_revision, False)
+        config = AutoConfig.from_pretrained(preset.teacher, **pin)
         with ctx:
-            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, preset.dtype))
-        return model.eval(), load_processor(preset.teacher, config.model_type)
+            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, preset.dtype),
+                                                            attn_implementation=preset.attn)
+        return model.eval(), load_processor(preset.teacher, config.model_type, **pin)
 
     def config():
         """The teacher's config, without reading its weights (a meta-device build; remote code: its config.json)."""
         if preset.remote_code and not tiny_random:
             from transformers import AutoConfig
-            return AutoConfig.from_pretrained(preset.teacher, trust_remote_code=True)
+            from minigenrecal.models.hub import is_remote_internvl, pinned
+            pin = pinned(preset.teacher, preset.teacher_revision, is_remote_internvl(preset.teacher))
+            return AutoConfig.from_pretrained(preset.teacher, trust_remote_code=True, **pin)
         return load(True)[0].config
 
     load.config = config

@@ -24,17 +24,49 @@ class Preset:
     remote_code: bool = False  # InternVL2.5 hub checkpoints need trust_remote_code
     accelerate_config: str | None = None  # file under configs/ for `accelerate launch`
     note: str = ""
+    # -- how a real launch loads and trains them (GPU-only effects; docs/scaling.md) --
+    attn: str | None = None  # attention implementation of hub loads: 'sdpa' for the real presets (None: transformers')
+    checkpointing: bool = False  # activation checkpointing of the student's layers (the real presets: on)
+    teacher_revision: str | None = None  # the hub commit to load; required where remote code runs (hub.pinned)
+    student_revision: str | None = None
+    global_batch: tuple[int, int, int] | None = None  # per stage; a launch derives grad_accum from its world size
 
     def stages(self) -> dict[int, StageConfig]:
         return {1: self.stage1, 2: self.stage2, 3: self.stage3}
+
+    def stage_configs(self, world: int | None = 1, **over) -> dict[int, StageConfig]:
+        """Each stage's config for a launch of `world` processes. `over` (not None) replaces fields first; then, with
+        `global_batch` and no explicit grad_accum, grad_accum = global batch / (batch_size x world), so every world
+        size trains at the paper's global batches (8,192 / 4,096 / 8,192). world=None keeps the per-GPU numbers."""
+        over = {k: v for k, v in over.items() if v is not None}
+        out = {}
+        for stage, cfg in self.stages().items():
+            cfg = replace(cfg, **over)
+            if self.global_batch is not None and world is not None and "grad_accum" not in over:
+                g, per = self.global_batch[stage - 1], cfg.batch_size * world
+                if g % per:
+                    raise ValueError(f"preset {self.name}: stage {stage}'s global batch {g} is not a multiple of "
+                                     f"batch_size {cfg.batch_size} x {world} processes; pick a batch size or process "
+                                     "count that divides it, or set the accumulation yourself (--grad-accum)")
+                cfg = replace(cfg, grad_accum=g // per)
+            out[stage] = cfg
+        return out
 
 
 def _paper(batch: int, accum: int, chunk: int | None = 512) -> StageConfig:
     # chunk 512 at V_l = 152k, d_l = 8192, N = 8192: three (512, V_l) fp32 buffers + two (N, d_l) fp32 grads, about
     # 1.4 GiB, i.e. under 4% of the naive 37.4 GiB (arithmetic; see docs/scaling.md)
-    # Paper: AdamW, LR 1e-4 -> 1e-5 linear within each stage, ~1 epoch per stage.
-    return StageConfig(steps=1000, batch_size=batch, grad_accum=accum, lr=1e-4, lr_end=1e-5, chunk_size=chunk)
+    # Paper: AdamW, LR 1e-4 -> 1e-5 linear within each stage, ~1 epoch per stage. batch x accum is per GPU: on the
+    # paper's 128 GPUs a cluster preset's 8x8 / 4x8 / 8x8 are its global batches; a launch on another number of
+    # processes rederives accum from `global_batch` (Preset.stage_configs).
+    # Clipping at global norm 1.0: the paper does not say; 1.0 is transformers' and TRL's default max_grad_norm.
+    return StageConfig(steps=1000, batch_size=batch, grad_accum=accum, lr=1e-4, lr_end=1e-5, chunk_size=chunk,
+                       max_grad_norm=1.0)
 
+
+# The cluster presets: SDPA attention (eager's (B, heads, T, T) scores are about 23 GiB a layer for the 72B at
+# InternVL's 3,468-token questions), activation checkpointing, and the paper's global batches on any world size.
+CLUSTER = dict(attn="sdpa", checkpointing=True, global_batch=(8192, 4096, 8192))
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny", teacher="tiny", student="tiny", n_train=1000,
@@ -47,18 +79,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("smolvlm-256m<-qwen2-vl-2b", teacher="Qwen/Qwen2-VL-2B-Instruct", student="HuggingFaceTB/SmolVLM-256M-Instruct",
            dtype="bfloat16", max_length=2048, n_train=100_000,
            stage1=_paper(8, 4), stage2=_paper(8, 4), stage3=_paper(8, 4), accelerate_config="configs/single_gpu.yaml",
+           attn="sdpa", checkpointing=True,
            note="one GPU (80 GB); V_l = 151,936"),
     Preset("qwen2-vl-7b<-qwen2-vl-72b", teacher="Qwen/Qwen2-VL-72B-Instruct", student="Qwen/Qwen2-VL-7B-Instruct",
            dtype="bfloat16", max_length=4096, n_train=1_000_000,
-           stage1=_paper(8, 8), stage2=_paper(4, 16), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml",
-           note="cluster; paper global batch 8192/4096/8192 on 128 A100s"),
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
+           note="cluster; paper global batches 8192/4096/8192 (128 A100s)"),
     Preset("internvl2.5-8b<-internvl2.5-78b", teacher="OpenGVLab/InternVL2_5-78B", student="OpenGVLab/InternVL2_5-8B",
            dtype="bfloat16", max_length=4096, n_train=1_000_000, remote_code=True,
-           stage1=_paper(8, 8), stage2=_paper(4, 16), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml",
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
            note="cluster; paper: 3.1 + 10.4 + 5.3 h on 128 A100 80GB"),
     Preset("qwen2-vl-7b<-internvl2.5-78b", teacher="OpenGVLab/InternVL2_5-78B", student="Qwen/Qwen2-VL-7B-Instruct",
            dtype="bfloat16", max_length=4096, n_train=1_000_000, remote_code=True,
-           stage1=_paper(8, 8), stage2=_paper(4, 16), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml",
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
            note="cluster; cross-family, cross-tokenizer"),
 ]}
 

@@ -96,9 +96,10 @@ class VLMView:
         return self.model.config.get_text_config()
 
     def body(self, batch: dict) -> torch.Tensor:
-        """Post-final-norm last hidden state, (B, T, d); head(body(x)) equals the model's logits."""
+        """Post-final-norm last hidden state, (B, T, d); head(body(x)) equals the model's logits. No KV cache: the
+        config's `use_cache` (True for every checkpoint) would build one on each training and teacher forward."""
         inputs = {k: v for k, v in batch.items() if k not in ("q_lens", "a_lens", "labels")}
-        return self.model.model(**inputs).last_hidden_state
+        return self.model.model(**inputs, use_cache=False).last_hidden_state
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input (word) embeddings, (B, T, d)."""

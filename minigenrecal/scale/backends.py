@@ -310,6 +310,19 @@ def import_modeling_modules(config) -> list[str]:
     return sorted(set(names))
 
 
+def zero3_tuning(zero_stage: int, hidden: int | None) -> dict:
+    """ZeRO-3 communication sizes from the LLM's hidden size d, as TRL's `prepare_deepspeed` sets them: reduce bucket
+    d^2, prefetch bucket 0.9 d^2, parameters under 10 d elements kept whole (norms, biases); plus overlapped
+    communication, and a live-parameter limit of two 72B decoder layers (about 0.88B parameters each) instead of
+    DeepSpeed's 1e9, so the next layer is fetched while one runs. Nothing for other stages, an unknown d, or a CPU
+    launch (the gloo tests keep DeepSpeed's defaults: the sizes are for NCCL on GPUs)."""
+    if zero_stage != 3 or not hidden or not torch.cuda.is_available():
+        return {}
+    return {"overlap_comm": True, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden,
+            "stage3_max_live_parameters": 2 * 10 ** 9, "stage3_max_reuse_distance": 2 * 10 ** 9}
+
+
 class DeepSpeedBackend(_Distributed):
     """DeepSpeed: one training engine for the student module (the launch's ZeRO stage, from accelerate's
     environment), and one ZeRO-3 inference engine for the teacher, which is loaded while its config is alive
@@ -327,10 +340,10 @@ class DeepSpeedBackend(_Distributed):
         self.engine, self.engines = None, []
         self.teacher_loaded_partitioned = None  # recorded for the load-order check
 
-    def config(self, zero_stage: int, train: bool = True) -> dict:
+    def config(self, zero_stage: int, train: bool = True, hidden: int | None = None) -> dict:
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": self.bf16}, "steps_per_print": 10 ** 9,
-               "wall_clock_breakdown": False}
+               "zero_optimization": {"stage": zero_stage, **zero3_tuning(zero_stage, hidden)},
+               "bf16": {"enabled": self.bf16}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
         if train and self.clip > 0:
             cfg["gradient_clipping"] = self.clip
         return cfg
@@ -340,7 +353,9 @@ class DeepSpeedBackend(_Distributed):
 
     def prepare_module(self, module, opt):
         import deepspeed
-        self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.config(self.zero_stage))
+        hidden = getattr(getattr(module, "student_view", None), "text_config", None)
+        cfg = self.config(self.zero_stage, hidden=getattr(hidden, "hidden_size", None))
+        self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
         self.engines.append(self.engine)
         return self.engine, _EngineOptimizer(self.engine, self), ds_opt.optimizer
 
@@ -352,6 +367,40 @@ class DeepSpeedBackend(_Distributed):
 
     def unwrap_model(self, module):
         return getattr(module, "module", module)
+
+    def global_grad_norm(self, module) -> torch.Tensor:
+        """The gradient's global L2 norm at the accumulation boundary (the loop's non-finite guard reads it). Under
+        ZeRO-3 `p.grad` is None: each rank reads its own fp32 partition of each gradient (`safe_get_local_grad`) and
+        the squares are summed over ranks; under ZeRO-1/2 `safe_get_full_grad` gives each whole gradient."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+        sq, partitioned = torch.zeros((), dtype=torch.float32, device=self.device), False
+        for p in self.unwrap_model(module).parameters():
+            if not p.requires_grad:
+                continue
+            partitioned |= hasattr(p, "ds_id")
+            g = safe_get_local_grad(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
+            if g is not None:
+                sq = sq + g.float().pow(2).sum()
+        if partitioned:
+            dist.all_reduce(sq)
+        return sq.sqrt()
+
+    def scale_grads(self, module, c: torch.Tensor) -> None:
+        """Multiply the gradient by `c` (the loop's token normalisation) where DeepSpeed holds it: each rank's ZeRO-3
+        partitions, or the whole gradients under ZeRO-1/2."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+        for p in self.unwrap_model(module).parameters():
+            if not p.requires_grad:
+                continue
+            get, put = (safe_get_local_grad, safe_set_local_grad) if hasattr(p, "ds_id") else (safe_get_full_grad, safe_set_full_grad)
+            g = get(p)
+            if g is not None:
+                put(p, g * c.to(g.dtype))
+
+    def clip_in_step(self, max_norm: float) -> None:
+        """DeepSpeed clips inside its optimizer step, from the ZeRO optimizer's `clip_grad` (a launch config's
+        gradient_clipping sets the same attribute at start and applies where a stage sets none)."""
+        self.engine.optimizer.clip_grad = max_norm or self.clip
 
     def full_state_dict(self, module) -> dict[str, torch.Tensor]:
         """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it (ZeRO-3 gathers)."""
@@ -368,8 +417,11 @@ class DeepSpeedBackend(_Distributed):
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
-        cfg = self.config(3, train=False)
-        self.teacher_modeling_modules = import_modeling_modules(load.config())  # before zero.Init: see its docstring
+        config = load.config()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = getattr(config, "llm_config", None) or text  # InternVL's remote config keeps its LLM's there
+        cfg = self.config(3, train=False, hidden=getattr(text, "hidden_size", None))
+        self.teacher_modeling_modules = import_modeling_modules(config)  # before zero.Init: see its docstring
         alive = HfDeepSpeedConfig(cfg)  # must exist before from_pretrained: transformers then uses zero.Init
         model, proc = load(False)
         self.teacher_loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())

@@ -128,7 +128,8 @@ class TextView:
         return self.model.config
 
     def body(self, batch):
-        return self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
 
     def student_ce(self, z, batch):
         from minigenrecal.losses import answer_rows

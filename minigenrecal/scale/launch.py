@@ -18,7 +18,7 @@ uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -151,7 +151,9 @@ def run(a) -> dict:
         load_recal(recal, a.recal_in)
     stages = [int(s) for s in a.stages.split(",")]
     over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
-    cfgs = {stage: replace(preset.stages()[stage], **over) for stage in stages}
+    # the paper's global batches on this launch's world size; a --tiny-random smoke run keeps the per-GPU numbers
+    planned = preset.stage_configs(None if a.tiny_random else backend.acc.num_processes, **over)
+    cfgs = {stage: planned[stage] for stage in stages}
     trains_recal = any(s in (1, 2) for s in stages)
     engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
     acc = engine.acc
