@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/single_gpu.yaml -m minigenrecal train --preset "smolvlm-256m<-qwen2-vl-2b" --data train.json
     accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset "internvl2.5-8b<-internvl2.5-78b" --cache CACHE --data train.json
-    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --steps 1   # CPU, gloo
+    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --max_steps 1   # CPU, gloo
 
 Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
 runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON/JSONL. `--cache DIR`
