@@ -18,8 +18,9 @@ def add_data_options(p) -> None:
     """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
     for both, so the cache holds the samples training asks for)."""
     from minigenrecal.data.llava import MULTI_TURN
-    p.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
-                                                "(default: the synthetic train split)")
+    p.add_argument("--data", default=None, help="LLaVA conversation records or chat-format ones (messages + "
+                                                "images), a .json list or a .jsonl file (default: the synthetic "
+                                                "train split)")
     p.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
                                                       "(default: the data file's folder)")
     p.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
