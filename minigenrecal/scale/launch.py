@@ -27,6 +27,7 @@ import torch
 from minigenrecal.loop import Callback, LoopState, run_stages
 from minigenrecal.models.loading import load_student_only, teacher_loader
 from minigenrecal.scale.backends import gathered
+from minigenrecal.scale.model_card import write_model_card
 from minigenrecal.scale.tracking import Tracking
 
 
@@ -87,6 +88,13 @@ def stage_overrides(cfg, a):
     if a.learning_rate:
         over.update(lr=a.learning_rate, lr_end=cfg.lr_end * a.learning_rate / cfg.lr)
     return replace(cfg, **over)
+
+
+def data_description(a, preset) -> str:
+    """What the launch trained on, in words (for the model card)."""
+    data = (f"`{Path(a.data).name}`" if a.data else
+            f"the synthetic shapes task, train split (seed {a.data_seed}, {a.n or preset.n_train} samples)")
+    return data + (" (teacher targets from a teacher cache)" if a.cache else "")
 
 
 def no_shared_samples(cache, a, samples) -> str:
@@ -226,6 +234,8 @@ def run(a) -> dict:
         probe.saved(full)
         if acc.is_main_process:
             (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+            write_model_card(out / "student", student=preset.student, teacher=preset.teacher, stages=cfgs,
+                             data=data_description(a, preset), preset=preset.name)
     acc.wait_for_everyone()
     end_launch()
     return log

@@ -14,6 +14,7 @@ from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
 from minigenrecal.models.presets import Preset
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.scale.checkpoint import Checkpointer
+from minigenrecal.scale.model_card import write_model_card
 from minigenrecal.scale.tracking import Tracking
 from minigenrecal.stages import StageConfig
 
@@ -114,6 +115,10 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     out_dir = Path(out) / "student"
     student.model.save_pretrained(out_dir)
     student.processor.save_pretrained(out_dir)
+    write_model_card(out_dir, student=preset.student, teacher=preset.teacher, stages=preset.stages(), preset=preset.name,
+                     data=f"the synthetic shapes task, train split (seed {data_seed}, {preset.n_train} samples)",
+                     evaluation={"dataset": f"the synthetic shapes task, test split (seed {data_seed})", "n": n_test,
+                                 "value": after[3]})
     res["seconds"] = time.time() - t_start
     res["manifest"] = manifest
     res.update(preset=preset.name, data_seed=data_seed, n_test=n_test, threads=torch.get_num_threads())
