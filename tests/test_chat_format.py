@@ -7,7 +7,7 @@ import pytest
 
 from minigenrecal.data.llava import SampleError, chat_as_llava, read_llava_json, read_records, skip_entry
 from minigenrecal.data.sources import LazySamples, iter_samples, open_source
-from tests.test_sources import _every, _mixed, _same_samples
+from test_sources import _every, _mixed, _same_samples
 
 datasets.disable_progress_bars()
 
