@@ -41,7 +41,7 @@ endif
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m minigenrecal demo --out runs/demo
+	$(PY) -m minigenrecal demo --output_dir runs/demo
 
 test: install
 	OMP_NUM_THREADS=1 MINIGENRECAL_SMOKE=1 MINIGENRECAL_SOLUTIONS=1 $(PY) -m pytest -m "not gpu" -q tests notebooks --nbmake

@@ -105,8 +105,8 @@ def test_cache_teacher_cli(pair, tmp_path):
     teacher, _, samples = pair
     teacher.model.save_pretrained(tmp_path / "teacher")
     teacher.processor.save_pretrained(tmp_path / "teacher")
-    main(["cache-teacher", "--preset", "tiny", "--n", "5", "--out", str(tmp_path / "c"), "--teacher-dir",
-          str(tmp_path / "teacher"), "--batch-size", "2"])
+    main(["cache-teacher", "--preset", "tiny", "--n", "5", "--output_dir", str(tmp_path / "c"), "--teacher-dir",
+          str(tmp_path / "teacher"), "--per_device_eval_batch_size", "2"])
     cache = TeacherCache(tmp_path / "c")
     assert len(cache) == 5 and cache.sample_ids == [s.id for s in samples[:5]]
     assert cache.files[0].get_slice("z_seq").get_dtype() == "BF16"

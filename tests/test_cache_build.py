@@ -148,8 +148,8 @@ def _expected_ids(data_file) -> list[str]:
 
 
 def _args(data_file, out) -> list[str]:
-    return ["cache-teacher", "--preset", "tiny", "--data", str(data_file), "--out", str(out), "--batch-size", "5",
-            "--shard-bytes", CAP]
+    return ["cache-teacher", "--preset", "tiny", "--data", str(data_file), "--output_dir", str(out),
+            "--per_device_eval_batch_size", "5", "--shard-bytes", CAP]
 
 
 def _run_cli(argv: list[str]) -> str:
@@ -224,7 +224,7 @@ def test_two_processes_equal_one(data_file, one_process, tmp_path, launch, port)
 
 def test_size_estimate_within_10_percent(tmp_path):
     out = tmp_path / "cache"
-    stdout = _run_cli(["cache-teacher", "--preset", "tiny", "--n", "200", "--out", str(out), "--shard-bytes", "256KiB"])
+    stdout = _run_cli(["cache-teacher", "--preset", "tiny", "--n", "200", "--output_dir", str(out), "--shard-bytes", "256KiB"])
     m = re.search(r"= ([\d,]+) B \(.*\) in (\d+) shard\(s\)", stdout)
     estimate, shards = int(m.group(1).replace(",", "")), int(m.group(2))
     assert f"over the first {C.ESTIMATE_SAMPLES} samples" in stdout
@@ -254,8 +254,8 @@ def test_cache_then_train_recipe(data_file, one_process, tmp_path):
     cache_dir, _ = one_process
     out = tmp_path / "run"
     stdout = _run_cli(["train", "--preset", "tiny", "--data", str(data_file), "--cache", str(cache_dir),
-                       "--stages", "1,2", "--steps", "1", "--batch-size", "4", "--quiet", "--checkpoint-every", "0",
-                       "--out", str(out)])
+                       "--stages", "1,2", "--max_steps", "1", "--per_device_train_batch_size", "4", "--quiet", "--save_steps", "0",
+                       "--output_dir", str(out)])
     log = json.loads((out / "train_log.json").read_text())
     cache = TeacherCache(cache_dir)
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
@@ -268,6 +268,6 @@ def test_cache_then_train_recipe(data_file, one_process, tmp_path):
     subset = tmp_path / "subset.json"
     subset.write_text(json.dumps(list(reversed(records))[:6]))
     stdout = _run_cli(["train", "--preset", "tiny", "--data", str(subset), "--image-root", str(data_file.parent),
-                       "--cache", str(cache_dir), "--stages", "1", "--steps", "1", "--batch-size", "2", "--quiet",
-                       "--checkpoint-every", "0", "--out", str(tmp_path / "run2")])
+                       "--cache", str(cache_dir), "--stages", "1", "--max_steps", "1", "--per_device_train_batch_size", "2", "--quiet",
+                       "--save_steps", "0", "--output_dir", str(tmp_path / "run2")])
     assert "training on" in stdout

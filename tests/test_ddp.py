@@ -16,8 +16,8 @@ def test_two_process_ddp_cpu(tmp_path):
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "minigenrecal", "train", "--preset", "tiny", "--tiny-random", "--stages", "1,2", "--steps", "1",
-           "--n", "8", "--batch-size", "2", "--no-save", "--quiet", "--state-out", str(tmp_path)]
+           "-m", "minigenrecal", "train", "--preset", "tiny", "--tiny-random", "--stages", "1,2", "--max_steps", "1",
+           "--n", "8", "--per_device_train_batch_size", "2", "--no-save", "--quiet", "--state-out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     st = {(s, k): torch.load(tmp_path / f"stage{s}-rank{k}.pt") for s in (0, 1, 2) for k in (0, 1)}

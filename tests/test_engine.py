@@ -100,12 +100,12 @@ def test_grad_accum_comes_from_the_stage_and_a_disagreeing_launch_config_is_refu
 
 def test_python_m_minigenrecal_train_is_the_train_command(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--preset", "tiny", "--tiny-random", "--stages", "1", "--steps", "1", "--n", "4", "--batch-size", "2",
-            "--quiet", "--checkpoint-every", "0"]
+    args = ["--preset", "tiny", "--tiny-random", "--stages", "1", "--max_steps", "1", "--n", "4", "--per_device_train_batch_size", "2",
+            "--quiet", "--save_steps", "0"]
     logs = []
     for mod in (["minigenrecal", "train"],):
         out = tmp_path / mod[-1]
-        r = subprocess.run([sys.executable, "-m", *mod, *args, "--out", str(out)], cwd=tmp_path, env=env,
+        r = subprocess.run([sys.executable, "-m", *mod, *args, "--output_dir", str(out)], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "training on 4 samples" in r.stdout
@@ -149,10 +149,10 @@ def test_stages_as_separate_launches_continue_from_the_saved_recalibrator(tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    common = ["--preset", "tiny", "--steps", "1", "--n", "4", "--batch-size", "2", "--quiet", "--checkpoint-every", "0"]
+    common = ["--preset", "tiny", "--max_steps", "1", "--n", "4", "--per_device_train_batch_size", "2", "--quiet", "--save_steps", "0"]
     first, second = tmp_path / "s12", tmp_path / "s3"
-    for extra in (["--stages", "1,2", "--out", str(first)],
-                  ["--stages", "3", "--recal-in", str(first), "--student", str(first / "student"), "--out", str(second),
+    for extra in (["--stages", "1,2", "--output_dir", str(first)],
+                  ["--stages", "3", "--recal-in", str(first), "--student", str(first / "student"), "--output_dir", str(second),
                    "--state-out", str(tmp_path / "st")]):
         r = subprocess.run([sys.executable, "-m", "minigenrecal", "train", *common, *extra], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)

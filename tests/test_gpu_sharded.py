@@ -27,8 +27,8 @@ def test_sharded_launch_on_one_gpu(config, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"{config}.yaml"),
            "--num_processes", "1", "--main_process_port", "29551", "-m", "minigenrecal", "train",
-           "--preset", "qwen2-vl-7b<-qwen2-vl-72b", "--tiny-random", "--stages", "1,2,3", "--steps", "2", "--n", "8",
-           "--batch-size", "2", "--quiet", "--checkpoint-every", "0", "--out", str(out), "--state-out", str(out / "state")]
+           "--preset", "qwen2-vl-7b<-qwen2-vl-72b", "--tiny-random", "--stages", "1,2,3", "--max_steps", "2", "--n", "8",
+           "--per_device_train_batch_size", "2", "--quiet", "--save_steps", "0", "--output_dir", str(out), "--state-out", str(out / "state")]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     log = json.loads((out / "train_log.json").read_text())

@@ -221,9 +221,9 @@ def test_train_command_writes_a_skip_report_and_strict_fails_fast(tmp_path, caps
     eot = _record("eot", image=records[0]["image"], turns=[("<image>\nq", "two <|im_end|> shapes")])
     records[1:1] = [_record("cut", image=_truncated_png(tmp_path)), eot]
     path = _write(tmp_path, records, "mixed.jsonl")
-    args = ["train", "--preset", "tiny", "--data", str(path), "--stages", "1", "--steps", "1", "--batch-size", "2",
-            "--checkpoint-every", "0", "--quiet"]
-    main(args + ["--out", str(tmp_path / "run")])
+    args = ["train", "--preset", "tiny", "--data", str(path), "--stages", "1", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--save_steps", "0", "--quiet"]
+    main(args + ["--output_dir", str(tmp_path / "run")])
     report = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert [r["id"] for r in report] == ["cut", "eot#0"]
     assert "truncated" in report[0]["reason"] and "end-of-turn string '<|im_end|>'" in report[1]["reason"]
@@ -231,4 +231,4 @@ def test_train_command_writes_a_skip_report_and_strict_fails_fast(tmp_path, caps
     assert log["samples"] == 4 and log["skipped"] == 2
     assert "training on 4 samples; skipped 2 bad sample(s)" in capsys.readouterr().out
     with pytest.raises(SampleError, match=r"sample cut: image file 'cut.png' cannot be decoded"):
-        main(args + ["--out", str(tmp_path / "strict"), "--strict"])
+        main(args + ["--output_dir", str(tmp_path / "strict"), "--strict"])

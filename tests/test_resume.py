@@ -18,7 +18,7 @@ from minigenrecal.scale.manifest import FIELDS
 ROOT = Path(__file__).resolve().parent.parent
 # Qwen2-VL classes at tiny size on both sides: byte-level BPE tokenizers, identical in every process
 TRAIN = ["-m", "minigenrecal", "train", "--preset", "qwen2-vl-7b<-qwen2-vl-72b", "--tiny-random", "--stages", "1,2,3",
-         "--steps", "4", "--n", "12", "--batch-size", "4", "--grad-accum", "2", "--quiet"]  # 3 batches an epoch
+         "--max_steps", "4", "--n", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--quiet"]  # 3 batches an epoch
 
 
 def train(out, *extra, fault=None):
@@ -27,7 +27,7 @@ def train(out, *extra, fault=None):
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, *TRAIN, "--out", str(out), *extra], env=env, cwd=out.parent,
+    return subprocess.run([sys.executable, *TRAIN, "--output_dir", str(out), *extra], env=env, cwd=out.parent,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -41,7 +41,7 @@ def losses(out):
 def reference(tmp_path_factory):
     """The uninterrupted run, without checkpoints."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = train(out, "--checkpoint-every", "0")
+    r = train(out, "--save_steps", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "checkpoints").exists()
     return out
@@ -56,11 +56,11 @@ def _same_run(out, reference):
 @pytest.mark.slow  # three short training processes (the reference is shared)
 def test_sigkill_mid_stage_then_resume_gives_the_uninterrupted_run(reference, tmp_path):
     out = tmp_path / "run"
-    r = train(out, "--checkpoint-every", "2", fault="kill step 2 3")  # SIGKILL after stage 2's step 3
+    r = train(out, "--save_steps", "2", fault="kill step 2 3")  # SIGKILL after stage 2's step 3
     assert r.returncode == -signal.SIGKILL
     assert not (out / "train_log.json").exists()
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["stage2-step0000002"]  # step 3 is lost
-    r = train(out, "--checkpoint-every", "2", "--resume", str(out))
+    r = train(out, "--save_steps", "2", "--resume_from_checkpoint", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     _same_run(out, reference)
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["stage3-step0000004"]  # only the latest
@@ -70,13 +70,13 @@ def test_sigkill_mid_stage_then_resume_gives_the_uninterrupted_run(reference, tm
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path):
     out = tmp_path / "run"
     # writes: stage 1 steps 2, 4; stage 2 steps 2, 4 <- killed after the weights are written, before the rename
-    r = train(out, "--checkpoint-every", "2", fault="kill checkpoint 4")
+    r = train(out, "--save_steps", "2", fault="kill checkpoint 4")
     assert r.returncode == -signal.SIGKILL
     ck = out / "checkpoints"
     partial = ck / ".tmp-stage2-step0000004"
     assert (partial / "module.pt").exists() and not (partial / "state.json").exists()
     assert [p.name for p in complete_checkpoints(ck)] == ["stage2-step0000002"]  # the previous one survived
-    r = train(out, "--checkpoint-every", "2", "--resume", str(ck))
+    r = train(out, "--save_steps", "2", "--resume_from_checkpoint", str(ck))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not partial.exists()
     _same_run(out, reference)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--preset", "tiny", "--stages", "1,2,3", "--steps", "2", "--n", "8", "--batch-size", "2", "--quiet",
-        "--checkpoint-every", "0"]
+ARGS = ["--preset", "tiny", "--stages", "1,2,3", "--max_steps", "2", "--n", "8", "--per_device_train_batch_size", "2", "--quiet",
+        "--save_steps", "0"]
 LAUNCH = {"fsdp": ["--config_file", str(ROOT / "configs" / "fsdp.yaml")],
           "zero3": ["--config_file", str(ROOT / "configs" / "zero3.yaml")],
           "ddp": ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]}
@@ -27,7 +27,7 @@ def launch(kind: str, out: Path) -> dict:
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[kind], "--num_processes", "2",
            "--main_process_port", str(PORTS[kind]), "-m", "minigenrecal", "train", *ARGS,
-           "--out", str(out), "--state-out", str(out / "state")]
+           "--output_dir", str(out), "--state-out", str(out / "state")]
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     st = {(s, k): torch.load(out / "state" / f"stage{s}-rank{k}.pt", weights_only=False)
@@ -143,8 +143,8 @@ def test_sharded_launch_reads_its_share_of_a_jsonl_lazily(tmp_path, mode):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH["fsdp"], "--num_processes", "2",
            "--main_process_port", str(29545 + (mode == "--lazy")), "-m", "minigenrecal", "train", "--preset", "tiny",
-           "--data", str(data), mode, "--stages", "1,3", "--steps", "3", "--batch-size", "2", "--quiet",
-           "--checkpoint-every", "0", "--out", str(out)]
+           "--data", str(data), mode, "--stages", "1,3", "--max_steps", "3", "--per_device_train_batch_size", "2", "--quiet",
+           "--save_steps", "0", "--output_dir", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     log = json.loads((out / "train_log.json").read_text())

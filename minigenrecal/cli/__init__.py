@@ -1,13 +1,15 @@
 """The command line: argparse and nothing else. Each room's commands are in their own module here, imported
 explicitly (core: demo, evaluate, make-teacher; scale: train, cache-teacher, bench; study: reproduce, transfer,
-warm-start; teach: grade, assignment; models: families); the library functions they call know nothing of argparse."""
+make-warm-start; teach: grade, assignment; models: families); the library functions they call know nothing of
+argparse. `train`, `demo` and `cache-teacher` also read their flags from `--config FILE` (cli/config.py)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from minigenrecal.cli.common import add_preset_option, quiet
+from minigenrecal.cli.common import add_preset_option, add_tracking_options, quiet
+from minigenrecal.cli.config import add_config_option, parse_with_config
 from minigenrecal.cli.models import add_families_command
 from minigenrecal.cli.scale import add_bench_command, add_cache_command, add_launch_command
 from minigenrecal.cli.study import add_reproduce_command, add_transfer_command, add_warmstart_command
@@ -18,18 +20,19 @@ def cmd_demo(a):
     import torch
     from minigenrecal.models.presets import get_preset
     from minigenrecal.study.pipeline import demo
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     preset = get_preset(a.preset)
-    res = demo(preset, a.out, data_seed=a.data_seed, n_test=a.n_test, checkpoint_every=a.checkpoint_every,
-               resume=a.resume)
+    res = demo(preset, a.output_dir, data_seed=a.data_seed, n_test=a.n_test, checkpoint_every=a.save_steps,
+               resume=a.resume_from_checkpoint, seed=a.seed,
+               tracking=dict(report_to=a.report_to, run_name=a.run_name, logging_steps=a.logging_steps))
     print(f"\n== minigenrecal demo ({preset.name}) ==")
     print(f"teacher accuracy         {res['teacher']:.3f}")
     print(f"student before           {res['student_before']:.3f}")
     for st in (1, 2, 3):
         print(f"student after stage {st}    {res[f'student_after_stage{st}']:.3f}")
-    print(f"skipped samples          {res['skipped']} (ids and reasons in {a.out}/skipped.jsonl)")
+    print(f"skipped samples          {res['skipped']} (ids and reasons in {a.output_dir}/skipped.jsonl)")
     print(f"wall time                {res['seconds']:.0f} s")
-    print(f"final student saved to   {a.out}/student; numbers in {a.out}/summary.json")
+    print(f"final student saved to   {a.output_dir}/student; numbers in {a.output_dir}/summary.json")
 
 
 def cmd_evaluate(a):
@@ -54,14 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigenrecal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="teacher -> stages 1, 2, 3 -> evaluation on the tiny pair (CPU, offline)")
-    d.add_argument("--out", default="runs/demo", help="output directory (student, summary.json, manifest.json)")
+    add_config_option(d)
+    d.add_argument("--output_dir", default="runs/demo", help="output directory (student, summary.json, manifest.json)")
     add_preset_option(d)
     d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and test splits")
     d.add_argument("--n-test", type=int, default=500, help="test samples for the accuracies")
-    d.add_argument("--checkpoint-every", type=int, default=50,
-                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
-    d.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue a killed run from its latest complete checkpoint (the run's OUT, or OUT/checkpoints)")
+    d.add_argument("--seed", type=int, default=0, help="torch's seed and the Recalibrator's init seed")
+    d.add_argument("--save_steps", type=int, default=50, help="optimizer steps between checkpoints in "
+                                                              "OUTPUT_DIR/checkpoints (also at each stage's end); 0: none")
+    d.add_argument("--resume_from_checkpoint", default=None, metavar="DIR",
+                   help="continue a killed run from its latest complete checkpoint (the run's OUTPUT_DIR, or "
+                        "OUTPUT_DIR/checkpoints)")
+    add_tracking_options(d)
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser("evaluate", help="exact-match accuracy of a saved student on fresh synthetic samples")
     e.add_argument("--student", required=True, help="directory of a saved student (model and processor)")
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_launch_command, add_cache_command, add_bench_command, add_reproduce_command,
                 add_transfer_command, add_warmstart_command, add_grading_command, add_families_command):
         add(sub)
+    p.subcommands = sub.choices  # name -> its parser (for --config)
     return p
 
 
@@ -91,7 +99,7 @@ def main(argv=None):
     if not torch.cuda.is_available():  # accelerate imports DeepSpeed when installed; it would warn on every command
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet()
-    a = build_parser().parse_args(argv)
+    a = parse_with_config(build_parser(), argv)
     a.fn(a)
 
 

@@ -34,3 +34,15 @@ def add_preset_option(p, default: str = "tiny") -> None:
         p.add_argument(f"--{side}", default=None, metavar="ID_OR_DIR", action=_PairAction,
                        help=f"the {side} VLM instead of the preset's: a hub id, a local directory (model and "
                             f"processor, e.g. a saved student) or 'tiny'; the preset's other settings stay")
+
+
+def add_tracking_options(p, logging_steps: int = 10) -> None:
+    """`--report_to`, `--logging_steps`, `--run_name`: transformers' names, accelerate's trackers (scale/tracking.py)."""
+    from minigenrecal.scale.tracking import REPORT_TO
+    p.add_argument("--report_to", nargs="+", default=["none"], choices=REPORT_TO, metavar="TRACKER",
+                   help=f"experiment trackers, one or more of: {', '.join(REPORT_TO)} (default none); tensorboard "
+                        "writes OUTPUT_DIR/runs/RUN_NAME")
+    p.add_argument("--logging_steps", type=int, default=logging_steps,
+                   help=f"optimizer steps between tracker logs (mean of each loss term over them; default "
+                        f"{logging_steps})")
+    p.add_argument("--run_name", default=None, help="the run's name in the trackers (default: OUTPUT_DIR's name)")

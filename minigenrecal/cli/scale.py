@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from minigenrecal.cli.common import add_preset_option
+from minigenrecal.cli.common import add_preset_option, add_tracking_options
+from minigenrecal.cli.config import add_config_option
 from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
 from minigenrecal.scale.cache import cache_teacher
 from minigenrecal.scale.launch import run
@@ -17,8 +18,9 @@ def add_data_options(p) -> None:
     """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
     for both, so the cache holds the samples training asks for)."""
     from minigenrecal.data.llava import MULTI_TURN
-    p.add_argument("--data", default=None, help="LLaVA conversation records, a .json list or a .jsonl file "
-                                                "(default: the synthetic train split)")
+    p.add_argument("--data", default=None, help="LLaVA conversation records or chat-format ones (messages + "
+                                                "images), a .json list or a .jsonl file (default: the synthetic "
+                                                "train split)")
     p.add_argument("--image-root", default=None, help="folder the records' image names are relative to "
                                                       "(default: the data file's folder)")
     p.add_argument("--multi-turn", default="reject", choices=list(MULTI_TURN),
@@ -30,6 +32,7 @@ def add_data_options(p) -> None:
 
 def add_launch_command(sub) -> None:
     t = sub.add_parser("train", help="stages 1-3 for a preset (launch with `accelerate launch -m minigenrecal train`)")
+    add_config_option(t)
     add_preset_option(t)
     t.add_argument("--stages", default="1,2,3", help="comma-separated, e.g. 1,2")
     add_data_options(t)
@@ -42,21 +45,29 @@ def add_launch_command(sub) -> None:
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
     t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")
     t.add_argument("--tiny-random", action="store_true", help="the preset's model classes at tiny size, random init")
-    t.add_argument("--steps", type=int, default=None, help="override every stage's steps")
-    t.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
-    t.add_argument("--grad-accum", type=int, default=None, help="override every stage's gradient accumulation steps")
+    t.add_argument("--max_steps", type=int, default=None, help="optimizer steps of every stage (default: the preset's)")
+    t.add_argument("--per_device_train_batch_size", type=int, default=None,
+                   help="samples per process per micro-batch, every stage (default: the preset's)")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                   help="micro-batches per optimizer step, every stage (default: the preset's)")
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help="peak LR of every stage; each stage's final LR keeps the preset's ratio to it (default: the "
+                        "preset's)")
     t.add_argument("--seed", type=int, default=0, help="Recalibrator init and data-order seed")
     t.add_argument("--recal-in", default=None, metavar="DIR",
-                   help="start from the Recalibrator an earlier launch saved (its OUT, or the .safetensors file): "
-                        "stages as separate launches, e.g. --stages 3 after a --stages 1,2 launch")
-    t.add_argument("--out", default=None, help="default: runs/train, or the resumed run's directory")
-    t.add_argument("--no-save", action="store_true", help="write nothing under OUT (no student, no checkpoints)")
-    t.add_argument("--checkpoint-every", type=int, default=100,
-                   help="optimizer steps between checkpoints in OUT/checkpoints (also at each stage's end); 0: none")
-    t.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue from the latest complete checkpoint of a run (its OUT, or OUT/checkpoints)")
+                   help="start from the Recalibrator an earlier launch saved (its OUTPUT_DIR, or the .safetensors "
+                        "file): stages as separate launches, e.g. --stages 3 after a --stages 1,2 launch")
+    t.add_argument("--output_dir", default=None, help="default: runs/train, or the resumed run's directory")
+    t.add_argument("--no-save", action="store_true", help="write nothing under OUTPUT_DIR (no student, no checkpoints)")
+    t.add_argument("--save_steps", type=int, default=100,
+                   help="optimizer steps between checkpoints in OUTPUT_DIR/checkpoints (also at each stage's end); "
+                        "0: none")
+    t.add_argument("--resume_from_checkpoint", default=None, metavar="DIR",
+                   help="continue from the latest complete checkpoint of a run (its OUTPUT_DIR, or "
+                        "OUTPUT_DIR/checkpoints)")
     t.add_argument("--max-skips", type=int, default=3,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    add_tracking_options(t)
     t.add_argument("--state-out", default=None, help=argparse.SUPPRESS)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=run)
@@ -66,13 +77,14 @@ def add_launch_command(sub) -> None:
 def add_cache_command(sub) -> None:
     c = sub.add_parser("cache-teacher", help="run the frozen teacher once over the training samples and store its "
                                              "features (rerun the same command to resume an interrupted build)")
+    add_config_option(c)
     add_preset_option(c)
     add_data_options(c)
     c.add_argument("--n", type=int, default=None,
                    help="samples: the first n of --data, or of the synthetic split (default: all / the preset's n_train)")
-    c.add_argument("--out", required=True, help="cache directory to write (an interrupted build there resumes)")
+    c.add_argument("--output_dir", required=True, help="cache directory to write (an interrupted build there resumes)")
     c.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
-    c.add_argument("--batch-size", type=int, default=32, help="samples per teacher forward")
+    c.add_argument("--per_device_eval_batch_size", type=int, default=32, help="samples per teacher forward")
     c.add_argument("--shard-bytes", default="2GiB", help="largest shard file, e.g. 2GiB, 512MiB (default 2GiB); "
                                                          "a sample larger than this gets a shard of its own")
     c.add_argument("--dtype", default="bfloat16", help="stored feature dtype (bfloat16, float16, float32)")

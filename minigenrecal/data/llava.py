@@ -1,4 +1,5 @@
-"""Reading real data: LLaVA conversation JSON/JSONL records into Samples, with named errors for bad records."""
+"""Reading real data: LLaVA conversation (or chat-format `messages` + `images`) JSON/JSONL records into Samples,
+with named errors for bad records."""
 from __future__ import annotations
 
 import json
@@ -122,6 +123,51 @@ def _record_turns(rec: dict, sid: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _chat_text(content, sid: str, k: int) -> str:
+    """A chat message's content as LLaVA text: text parts joined, an image part as the '<image>' placeholder."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise SampleError(f"sample {sid}: message {k} has no content (expected a string or a list of parts)")
+    text = ""
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text += "<image>"
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        else:
+            raise SampleError(f"sample {sid}: message {k}, content part {j}: expected {{'type': 'text', 'text': "
+                              f"...}} or {{'type': 'image'}}, got {part!r}")
+    return text
+
+
+def chat_as_llava(rec: dict, sid: str) -> dict:
+    """A chat-format record (TRL's VLM datasets: `messages` of role/content with `{"type": "image"}` parts, and an
+    `images` list) as the LLaVA fields every reader checks: 'conversations' (an image part becomes '<image>') and
+    'image' (the one image). Its own problems raise SampleError naming the record; the LLaVA rules then apply."""
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or len(msgs) < 2 or len(msgs) % 2:
+        n = len(msgs) if isinstance(msgs, list) else 0
+        raise SampleError(f"sample {sid}: expected user/assistant message pairs, got {n} messages")
+    turns = []
+    for k, m in enumerate(msgs):
+        role, want = (m.get("role") if isinstance(m, dict) else None), ("user", "assistant")[k % 2]
+        if role != want:
+            raise SampleError(f"sample {sid}: message {k} must be {want}, got role {role!r} (user/assistant turns "
+                              "only: a system message is not supported)")
+        turns.append({"from": ("human", "gpt")[k % 2], "value": _chat_text(m.get("content"), sid, k)})
+    images = rec.get("images")  # checked where the image is read (`_record_image`): none, or several, are refused
+    if isinstance(images, (list, tuple)):
+        images = images[0] if len(images) == 1 else list(images)
+    return {"conversations": turns, "image": images}
+
+
+def as_llava(rec: dict, sid: str) -> dict:
+    """The record's LLaVA fields: a chat-format record converted (`chat_as_llava`), a LLaVA one as it is."""
+    return chat_as_llava(rec, sid) if "messages" in rec else rec
+
+
 def with_context(pairs: list[tuple[str, str]], k: int) -> str:
     """Question k of a conversation with the turns before it as text: 'Q: ...\\nA: ...\\n' per turn, then 'Q: ...'."""
     return "".join(f"Q: {q}\nA: {a}\n" for q, a in pairs[:k]) + f"Q: {pairs[k][0]}"
@@ -134,7 +180,8 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None, mult
     Each record has an `id`, one `image` (a file name under `image_root`, default the file's folder; a
     one-element list is accepted) and `conversations` of human/gpt turns. The `<image>` placeholder is removed
     from the question: each side's chat template places the image itself. Images become 8-bit RGB by `to_rgb`.
-    Sample ids are `<id>#<k>` for the k-th question/answer pair.
+    Sample ids are `<id>#<k>` for the k-th question/answer pair. A chat-format record (`messages` + `images`, the
+    format of TRL's VLM trainers) is read as the same LLaVA record (`chat_as_llava`), under the same rules.
 
     Multi-turn records (several human/gpt pairs) are never reduced silently; `multi_turn` says what to do:
     'reject' (default) raises SampleError naming the record; 'context' makes one sample per answer whose
@@ -152,6 +199,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None, mult
     for r, rec in enumerate(read_records(path)):
         sid = str(rec.get("id", f"{path.name}[{r}]"))
         try:
+            rec = as_llava(rec, sid)
             pairs = record_pairs(rec, sid, multi_turn)
             image = _record_image(rec, sid, root)
         except SampleError as e:

@@ -4,6 +4,8 @@
     data = LazyPairData(source, student, teacher)           # map-style: a drop-in for loop.PairData
     data = StreamPairData(open_source(streamed_ds, rank=r, world_size=w), student, teacher)   # a stream
 
+Records are LLaVA conversations (`conversations` + `image`) or chat format (`messages` of role/content with
+`{"type": "image"}` parts + `images`, as TRL's VLM trainers read them; `llava.chat_as_llava`), in any source.
 Sources (`open_source`): a LLaVA conversation `.json` list, a `.jsonl`/`.ndjson` file (one record per line), a
 `datasets.Dataset`, a `datasets.IterableDataset` (streaming), or a directory written by `Dataset.save_to_disk`.
 A record is kept un-decoded (a `Record`: its id, its conversation, a reference to its image) until a sample is
@@ -48,7 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minigenrecal.data.llava import (MULTI_TURN, SampleError, _record_image, read_records, record_pairs, skip_entry, to_rgb)
+from minigenrecal.data.llava import (MULTI_TURN, SampleError, _record_image, as_llava, read_records, record_pairs, skip_entry,
+                                     to_rgb)
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.loop import RankLocal
 
@@ -68,13 +71,17 @@ class Record:
 
     def pairs(self, multi_turn: str) -> list[tuple[str, str]]:
         """(question, answer) per sample under the policy; opens no image."""
+        return record_pairs(self.llava(), self.id, multi_turn)
+
+    def llava(self) -> dict:
+        """The record's LLaVA fields (a chat-format record converted); raises SampleError for a bad record."""
         if self.error is not None:
             raise SampleError(f"sample {self.id}: {self.error}")
-        return record_pairs(self.fields, self.id, multi_turn)
+        return as_llava(self.fields, self.id)
 
     def image(self) -> Image.Image:
         """The record's image, decoded now, as 8-bit RGB."""
-        value = self.fields.get("image")
+        value = self.llava().get("image")
         if isinstance(value, Image.Image):
             return to_rgb(value, self.id)
         if isinstance(value, dict) and value.get("bytes"):
@@ -195,7 +202,10 @@ class JsonlRecords(MapRecords):
 
 
 def _hf_record(row: dict, sid: str, root: Path, image_column: str) -> Record:
-    """A `datasets` row as a Record: LLaVA 'conversations', or 'question'/'answer' columns (one pair)."""
+    """A `datasets` row as a Record: LLaVA 'conversations', chat 'messages' + 'images', or 'question'/'answer'
+    columns (one pair)."""
+    if row.get("messages") is not None:
+        return Record(sid, {"messages": row["messages"], "images": row.get("images")}, root)
     conv = row.get("conversations")
     if conv is None and "question" in row:
         conv = [{"from": "human", "value": row["question"]}, {"from": "gpt", "value": row.get("answer")}]
@@ -203,11 +213,15 @@ def _hf_record(row: dict, sid: str, root: Path, image_column: str) -> Record:
 
 
 def _undecoded(ds, image_column: str):
-    """The dataset with its Image column read as {'bytes', 'path'} (decoded later, here, per sample)."""
-    from datasets import Image as ImageFeature
+    """The dataset with its Image column (and a chat dataset's `images` list of Image) read as {'bytes', 'path'}
+    (decoded later, here, per sample)."""
+    from datasets import Image as ImageFeature, List, Sequence
     features = ds.features or {}
     if isinstance(features.get(image_column), ImageFeature):
-        return ds.cast_column(image_column, ImageFeature(decode=False))
+        ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    images = features.get("images")
+    if isinstance(images, (List, Sequence)) and isinstance(images.feature, ImageFeature):
+        ds = ds.cast_column("images", List(ImageFeature(decode=False)))
     return ds
 
 
@@ -234,7 +248,8 @@ class HFRecords(MapRecords):
         return self._record(self.ds[j], j)
 
     def text_records(self) -> Iterator[Record]:
-        cols = [c for c in (self.id_column, "conversations", "question", "answer") if c in self.ds.column_names]
+        cols = [c for c in (self.id_column, "conversations", "messages", "question", "answer")
+                if c in self.ds.column_names]
         return (self._record(row, j) for j, row in enumerate(self.ds.select_columns(cols)))
 
 

@@ -47,7 +47,7 @@ class Preset:
                 if g % per:
                     raise ValueError(f"preset {self.name}: stage {stage}'s global batch {g} is not a multiple of "
                                      f"batch_size {cfg.batch_size} x {world} processes; pick a batch size or process "
-                                     "count that divides it, or set the accumulation yourself (--grad-accum)")
+                                     "count that divides it, or set the accumulation yourself (--gradient_accumulation_steps)")
                 cfg = replace(cfg, grad_accum=g // per)
             out[stage] = cfg
         return out

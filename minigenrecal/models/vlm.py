@@ -7,6 +7,7 @@ Tokenizing the two parts separately mirrors generation, where the model continue
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -18,6 +19,8 @@ from minigenrecal.data.llava import SampleError, to_rgb  # SampleError: a sample
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.losses import answer_rows
 from minigenrecal.models.families import Family, family_of_model
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class VLMView:
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eot_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        self._check_template_end()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.family: Family | None = family_of_model(model)  # what differs per family (families.FAMILIES)
         self.per_token = self.family.per_token if self.family is not None else {}
@@ -127,6 +131,33 @@ class VLMView:
             if t in self.eot_ids:
                 return ids[: j + 1]
         return ids + [self.tokenizer.eos_token_id]
+
+    def _template_tail(self) -> str:
+        """What the chat template writes after an answer (e.g. '<|im_end|>\\n'); '' if it cannot be told apart."""
+        probe = Sample(None, "Q", "ANSWER")
+        prompt = self.prompt(probe)
+        full = self.tokenizer.apply_chat_template(self._messages(probe, True), chat_template=self.chat_template,
+                                                  tokenize=False)
+        return full[len(prompt):].partition("ANSWER")[2] if full.startswith(prompt) else ""
+
+    def _check_template_end(self) -> None:
+        """A template whose end-of-turn is not EOS would train answers as '... <|im_end|>\\n</s>' (end-of-turn, a
+        newline, then EOS, which generation then needs to stop). A one-token end-of-turn that is a special token is
+        taken as end-of-turn too (answers end with it, generation stops at it); any other end is only warned about."""
+        ids = self.tokenizer(self._template_tail().strip(), add_special_tokens=False)["input_ids"]
+        if not ids or ids[0] in self.eot_ids:
+            return
+        end, eos = self.tokenizer.convert_ids_to_tokens(ids[0]), self.tokenizer.eos_token
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).get(ids[0])
+        if ids[0] in self.tokenizer.all_special_ids or getattr(added, "special", False):
+            self.eot_ids.add(ids[0])
+            _log.warning(f"{self.name}: the chat template ends a turn with {end!r}, not the EOS {eos!r}; {end!r} is "
+                         f"taken as end-of-turn (answers are trained to end with it, generation stops at it). Set "
+                         f"generation_config.eos_token_id to include its id ({ids[0]}) for generation outside this kit")
+        else:
+            _log.warning(f"{self.name}: the chat template ends a turn with {self._template_tail().strip()!r}, which "
+                         f"is not the EOS {eos!r} nor one special token: answers are trained to end with it and "
+                         f"then {eos!r}")
 
     @cached_property
     def end_of_turn_strings(self) -> list[str]:

@@ -16,8 +16,8 @@ Files of a cache directory (docs/cache.md has the details):
     rank-{R}.json                  process R has finished
     head.safetensors, meta.json    written last by process 0: the frozen head and every sample id in global order
 
-    python -m minigenrecal cache-teacher --preset tiny --n 1000 --out runs/cache
-    accelerate launch --num_processes 8 -m minigenrecal cache-teacher --preset NAME --data train.json --out CACHE
+    python -m minigenrecal cache-teacher --preset tiny --n 1000 --output_dir runs/cache
+    accelerate launch --num_processes 8 -m minigenrecal cache-teacher --preset NAME --data train.json --output_dir CACHE
 
 Samples are looked up by id: `TeacherCache(dir).teacher_fn_for(ids)` serves a training set in any order or subset.
 """
@@ -460,7 +460,7 @@ class TeacherCache:
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"no teacher cache at {self.path}; build it with `python -m minigenrecal "
-                                    "cache-teacher --out DIR` (an interrupted build resumes when rerun)")
+                                    "cache-teacher --output_dir DIR` (an interrupted build resumes when rerun)")
         self.meta = json.loads(meta_file.read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: cache format {self.meta.get('format')}, this code reads {FORMAT}")
@@ -612,16 +612,16 @@ def cache_teacher(a) -> None:
     skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
     samples, about = _read_samples(a, skipped)
     teacher, head = _load_teacher(a)
-    kw = dict(batch_size=a.batch_size, dtype=a.dtype, answer_input=a.answer_input, shard_bytes=parse_bytes(a.shard_bytes))
+    kw = dict(batch_size=a.per_device_eval_batch_size, dtype=a.dtype, answer_input=a.answer_input, shard_bytes=parse_bytes(a.shard_bytes))
     if rank == 0:
         print(format_estimate(estimate_size(teacher, samples, head=head, world_size=world, **kw)), flush=True)
-    meta = build_cache(teacher, samples, a.out, head=head, progress=True, skip_bad=not a.strict, skipped=skipped,
+    meta = build_cache(teacher, samples, a.output_dir, head=head, progress=True, skip_bad=not a.strict, skipped=skipped,
                        info={"preset": preset.name, "teacher": preset.teacher, **about}, **kw)
     if rank == 0:
-        write_skip_report(a.out, meta["skipped"])
-        written = sum(f.stat().st_size for f in Path(a.out).iterdir() if f.is_file())
+        write_skip_report(a.output_dir, meta["skipped"])
+        written = sum(f.stat().st_size for f in Path(a.output_dir).iterdir() if f.is_file())
         print(f"cached {meta['n']} samples in {len(meta['shards'])} shard(s), {written:,} B on disk; skipped "
-              f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.out) / 'skipped.jsonl'}")
+              f"{len(meta['skipped'])} bad sample(s), ids and reasons in {Path(a.output_dir) / 'skipped.jsonl'}")
         print(json.dumps({k: v for k, v in meta.items() if k not in ("sample_ids", "skipped", "shards")}))
     if not end_launch() and dist.is_initialized():  # a sharded teacher's launch tears itself down; DDP's here
         dist.destroy_process_group()

@@ -96,7 +96,7 @@ def set_rng_state(st: dict) -> None:
 
 
 def resolve_root(path: str | Path) -> Path:
-    """`--resume DIR` accepts a run's output directory (with checkpoints/ inside) or the checkpoint directory."""
+    """`--resume_from_checkpoint DIR` accepts a run's output directory (with checkpoints/ inside) or the checkpoint directory."""
     path = Path(path)
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 

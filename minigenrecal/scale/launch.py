@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/single_gpu.yaml -m minigenrecal train --preset "smolvlm-256m<-qwen2-vl-2b" --data train.json
     accelerate launch --config_file configs/zero3.yaml -m minigenrecal train --preset "internvl2.5-8b<-internvl2.5-78b" --cache CACHE --data train.json
-    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --steps 1   # CPU, gloo
+    accelerate launch --multi_gpu --num_processes 2 -m minigenrecal train --preset tiny --tiny-random --max_steps 1   # CPU, gloo
 
 Pair: the preset's hub ids; `--tiny-random` builds the preset's model classes at tiny size instead (offline smoke
 runs of a launch config). Data: the synthetic train split, or `--data` LLaVA conversation JSON/JSONL. `--cache DIR`
@@ -11,9 +11,10 @@ runs of a launch config). Data: the synthetic train split, or `--data` LLaVA con
 A sample that cannot be read or rendered is skipped and recorded (id and reason) in OUT/skipped.jsonl, and the
 count is printed; `--strict` fails on the first one instead.
 
-Checkpoints go to OUT/checkpoints every `--checkpoint-every` optimizer steps and at each stage's end;
-`--resume OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
-uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced the run.
+Checkpoints go to OUT/checkpoints every `--save_steps` optimizer steps and at each stage's end;
+`--resume_from_checkpoint OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
+uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced the run; `--report_to`
+sends the loss terms, LR and skipped steps to accelerate's trackers (scale/tracking.py). OUT is `--output_dir`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import torch
 from minigenrecal.loop import Callback, LoopState, run_stages
 from minigenrecal.models.loading import load_student_only, teacher_loader
 from minigenrecal.scale.backends import gathered
+from minigenrecal.scale.model_card import write_model_card
+from minigenrecal.scale.tracking import Tracking
 
 
 def local_bytes(model: torch.nn.Module) -> int:
@@ -76,6 +79,39 @@ def load_recal(recal, path: str | Path) -> None:
     recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
 
 
+def stage_overrides(a) -> dict:
+    """The command line's overrides for every stage: --max_steps, --per_device_train_batch_size,
+    --gradient_accumulation_steps (an explicit accumulation wins over the one derived from the global batch)."""
+    return {k: v for k, v in dict(steps=a.max_steps, batch_size=a.per_device_train_batch_size,
+                                  grad_accum=a.gradient_accumulation_steps).items() if v}
+
+
+def with_learning_rate(cfg, a):
+    """--learning_rate for a stage: the peak, with the stage's final LR keeping its ratio to the peak
+    (1e-3 -> 1e-4 becomes 2e-3 -> 2e-4)."""
+    return replace(cfg, lr=a.learning_rate, lr_end=cfg.lr_end * a.learning_rate / cfg.lr) if a.learning_rate else cfg
+
+
+def data_description(a, preset) -> str:
+    """What the launch trained on, in words (for the model card)."""
+    data = (f"`{Path(a.data).name}`" if a.data else
+            f"the synthetic shapes task, train split (seed {a.data_seed}, {a.n or preset.n_train} samples)")
+    return data + (" (teacher targets from a teacher cache)" if a.cache else "")
+
+
+def no_shared_samples(cache, a, samples) -> str:
+    """Why a cache cannot train on this data: the cache's source and the data's, with an id of each."""
+    meta = cache.meta
+    built = (f"--data {meta['data']}" if "data" in meta else f"the synthetic {meta.get('split', 'train')} split, "
+             f"--data-seed {meta.get('data_seed')}")
+    ids = cache.sample_ids
+    source = f"--data {a.data}" if a.data else f"the synthetic train split, --data-seed {a.data_seed}"
+    return (f"the teacher cache {a.cache} holds none of the {len(samples)} training samples: it was built from "
+            f"{built} ({len(ids)} samples, e.g. {ids[0] if ids else 'none'!r}), training reads {source} (e.g. "
+            f"{samples[0].id!r}); build the cache from the same data (cache-teacher with the same --data/--data-seed "
+            f"and --n), or pass the data it was built from")
+
+
 def lazy_data(a, acc, student, teacher, skipped: list | None):
     """`--lazy` / `--stream`: this process's share of --data (record r to process r % P), nothing decoded up front;
     each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
@@ -109,8 +145,8 @@ def run(a) -> dict:
 
     preset = get_preset(a.preset)
     backend = get_backend()
-    if backend.name != "accelerate" and a.resume:
-        raise ValueError(f"--resume is not supported under {backend.name}; run the remaining stages as a new launch "
+    if backend.name != "accelerate" and a.resume_from_checkpoint:
+        raise ValueError(f"--resume_from_checkpoint is not supported under {backend.name}; run the remaining stages as a new launch "
                          "with --stages and --recal-in OUT (each launch saves the gathered student and Recalibrator)")
     lazy = bool(a.data) and (a.lazy or a.stream)
     if lazy and a.cache:
@@ -124,6 +160,8 @@ def run(a) -> dict:
         from minigenrecal.scale.cache import TeacherCache
         cache = TeacherCache(a.cache)
         missing = [s for s in samples if s.id not in cache]
+        if samples and len(missing) == len(samples):  # nothing would train: a cache of another data source
+            raise ValueError(no_shared_samples(cache, a, samples))
         if missing and a.strict:
             cache.indices([s.id for s in missing])  # raises, naming them and why the build left them out
         for s in missing:
@@ -135,13 +173,14 @@ def run(a) -> dict:
         teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
         d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
     student = load_student_only(preset, a.tiny_random)
-    out = Path(a.out or (resolve_root(a.resume).parent if a.resume else "runs/train"))
+    resume = a.resume_from_checkpoint
+    out = Path(a.output_dir or (resolve_root(resume).parent if resume else "runs/train"))
     ckpt = None
-    if a.resume:
-        ckpt = Checkpointer(resolve_root(a.resume), a.checkpoint_every, resume=True)
+    if resume:
+        ckpt = Checkpointer(resolve_root(resume), a.save_steps, resume=True)
         student = with_saved_tokenizer(student, ckpt)
-    elif a.checkpoint_every > 0 and not a.no_save and backend.name == "accelerate":
-        ckpt = Checkpointer(out / "checkpoints", a.checkpoint_every)
+    elif a.save_steps > 0 and not a.no_save and backend.name == "accelerate":
+        ckpt = Checkpointer(out / "checkpoints", a.save_steps)
     from minigenrecal.data.pairs import encode_pairs, write_skip_report
     data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
     cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
@@ -150,10 +189,9 @@ def run(a) -> dict:
     if a.recal_in:
         load_recal(recal, a.recal_in)
     stages = [int(s) for s in a.stages.split(",")]
-    over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum).items() if v}
     # the paper's global batches on this launch's world size; a --tiny-random smoke run keeps the per-GPU numbers
-    planned = preset.stage_configs(None if a.tiny_random else backend.acc.num_processes, **over)
-    cfgs = {stage: planned[stage] for stage in stages}
+    planned = preset.stage_configs(None if a.tiny_random else backend.acc.num_processes, **stage_overrides(a))
+    cfgs = {stage: with_learning_rate(planned[stage], a) for stage in stages}
     trains_recal = any(s in (1, 2) for s in stages)
     engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
     acc = engine.acc
@@ -176,9 +214,12 @@ def run(a) -> dict:
     if acc.is_main_process and not a.no_save:
         write_manifest(out, manifest)
     probe.write(0)
+    tracking = Tracking(a.report_to, out, a.run_name, config=config, plan=cfgs, logging_steps=a.logging_steps,
+                        main_process=acc.is_main_process)
     _, hists = run_stages(cfgs, student, data, teacher, recal, engine=engine, teacher_head=head, teacher_fn=cache_fn,
-                          progress=not a.quiet, callbacks=[c for c in (ckpt, probe) if c is not None],
+                          progress=not a.quiet, callbacks=[c for c in (ckpt, probe, tracking) if c is not None],
                           max_skips=a.max_skips)
+    tracking.finish()
     for stage, hist in hists.items():
         log["stages"][stage] = {"seconds": hist[-1].get("stage_seconds"), "last": hist[-1], "history": hist,
                                 "skipped": sum(h.get("skipped", False) for h in hist)}
@@ -197,6 +238,8 @@ def run(a) -> dict:
         probe.saved(full)
         if acc.is_main_process:
             (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
+            write_model_card(out / "student", student=preset.student, teacher=preset.teacher, stages=cfgs,
+                             data=data_description(a, preset), preset=preset.name)
     acc.wait_for_everyone()
     end_launch()
     return log
