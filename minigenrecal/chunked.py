@@ -12,6 +12,8 @@ Gradients (rows r, logits s = h W^T + b, teacher logits t = z_t W^T + b, p = sof
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -96,29 +98,35 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_t, labels, weight, bias, tau, w_ce, w_kl, chunk_size, *hs):
         W = weight  # (V_l, d_l); matmuls in W's dtype, everything after them in fp32
-        logits = lambda x: (x.to(W.dtype) @ W.T).float() if bias is None else (x.to(W.dtype) @ W.T).float() + bias.float()  # noqa: E731
+
+        def logits(x):  # (c, d_l) -> (c, V_l) fp32
+            out = (x.to(W.dtype) @ W.T).float()
+            return out if bias is None else out.add_(bias.float())
+
         valid = labels != IGNORE  # (N,)
         y = labels.where(valid, 0)  # (N,) ignored rows read any label; their terms and gradients are zeroed
         parts = torch.zeros(len(hs), 2, device=z_t.device)  # per path: the sums of CE rows and of KL rows
         grads = [torch.empty(h.shape, device=h.device) for h in hs]  # (N, d_l) each: d(sum of row losses)/dh
         for i in range(0, z_t.shape[0], chunk_size):
             rows, yc, vc = slice(i, i + chunk_size), y[i: i + chunk_size], valid[i: i + chunk_size].float()
-            t = logits(z_t[rows])  # (c, V_l) the teacher's logits, shared by every path
+            t = logits(z_t[rows])  # (c, V_l) the teacher's logits: once per chunk, shared by every path
             t = t.div_(tau) if tau != 1.0 else t
-            log_pt = t.sub_(t.logsumexp(-1, keepdim=True))  # log p_t, in place
-            p_t = log_pt.exp()
-            neg_ent_t = rowdot(p_t, log_pt)  # (c,) sum_v p_t log p_t
+            lse_t = t.logsumexp(-1, keepdim=True)  # (c, 1)
+            p_t = (t - lse_t).exp_()  # (c, V_l) p_t
+            neg_ent_t = rowdot(p_t, t) - lse_t.squeeze(1)  # (c,) sum_v p_t log p_t, as sum_v p_t = 1
+            del t
             for k, h in enumerate(hs):
                 s = logits(h[rows])  # (c, V_l)
-                lse = s.logsumexp(-1, keepdim=True)  # (c, 1)
+                lse = s.logsumexp(-1, keepdim=True)  # (c, 1) the one softmax normaliser at tau = 1
                 ce = lse.squeeze(1) - s.gather(1, yc[:, None]).squeeze(1)  # (c,) -log p[y]
-                log_p = s.sub_(lse)  # log softmax(s), in place
-                log_ps = log_p if tau == 1.0 else (log_p / tau).log_softmax(-1)  # at tau = 1, CE and KL share it
-                kl = neg_ent_t - rowdot(p_t, log_ps)  # (c,) KL(p_t || p_s)
+                st = s if tau == 1.0 else s / tau  # (c, V_l) the logits at tau
+                lse_st = lse if tau == 1.0 else st.logsumexp(-1, keepdim=True)
+                kl = neg_ent_t - rowdot(p_t, st) + lse_st.squeeze(1)  # (c,) sum_v p_t (log p_t - log p_tau)
                 parts[k] += torch.stack([ce, kl]) @ vc
                 # dL/ds = w_ce (p - onehot(y)) + w_kl tau (p_tau - p_t), in place on the chunk's buffers
-                p = log_p.exp_()
-                g = p.mul_(w_ce + w_kl) if tau == 1.0 else p.mul_(w_ce).add_(log_ps.exp_(), alpha=w_kl * tau)
+                p_tau = None if tau == 1.0 else st.sub_(lse_st).exp_()
+                p = s.sub_(lse).exp_()
+                g = p.mul_(w_ce + w_kl) if tau == 1.0 else p.mul_(w_ce).add_(p_tau, alpha=w_kl * tau)
                 g.sub_(p_t, alpha=w_kl * tau)
                 g[torch.arange(len(yc), device=g.device), yc] -= w_ce
                 grads[k][rows] = (g.to(W.dtype) @ W).float() * vc[:, None]  # the one gradient matmul of the path
@@ -153,6 +161,7 @@ def fused_head_loss(hs: list[torch.Tensor], z_t: torch.Tensor, labels: torch.Ten
         if h.shape != z_t.shape or h.shape[0] != labels.shape[0]:
             raise ValueError(f"shape mismatch in path {k}: h {tuple(h.shape)}, z_t {tuple(z_t.shape)}, "
                              f"labels {tuple(labels.shape)}")
-    with torch.autocast(z_t.device.type, enabled=False):
+    dev = z_t.device.type
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
         return _FusedHeadLoss.apply(z_t.detach(), labels, weight.detach(), None if bias is None else bias.detach(),
                                     float(tau), float(w_ce), float(w_kl), int(chunk_size), *hs)
