@@ -111,21 +111,19 @@ class _FusedHeadLoss(torch.autograd.Function):
             rows, yc, vc = slice(i, i + chunk_size), y[i: i + chunk_size], valid[i: i + chunk_size].float()
             t = logits(z_t[rows])  # (c, V_l) the teacher's logits: once per chunk, shared by every path
             t = t.div_(tau) if tau != 1.0 else t
-            lse_t = t.logsumexp(-1, keepdim=True)  # (c, 1)
-            p_t = (t - lse_t).exp_()  # (c, V_l) p_t
-            neg_ent_t = rowdot(p_t, t) - lse_t.squeeze(1)  # (c,) sum_v p_t log p_t, as sum_v p_t = 1
-            del t
+            log_pt = t.sub_(t.logsumexp(-1, keepdim=True))  # (c, V_l) log p_t, in place
+            p_t = log_pt.exp()  # (c, V_l)
             for k, h in enumerate(hs):
                 s = logits(h[rows])  # (c, V_l)
                 lse = s.logsumexp(-1, keepdim=True)  # (c, 1) the one softmax normaliser at tau = 1
                 ce = lse.squeeze(1) - s.gather(1, yc[:, None]).squeeze(1)  # (c,) -log p[y]
-                st = s if tau == 1.0 else s / tau  # (c, V_l) the logits at tau
-                lse_st = lse if tau == 1.0 else st.logsumexp(-1, keepdim=True)
-                kl = neg_ent_t - rowdot(p_t, st) + lse_st.squeeze(1)  # (c,) sum_v p_t (log p_t - log p_tau)
+                log_p = s.sub_(lse)  # (c, V_l) log softmax(s), in place
+                log_ptau = log_p if tau == 1.0 else (log_p / tau).log_softmax(-1)  # at tau = 1 CE and KL share it
+                kl = rowdot(p_t, log_pt - log_ptau)  # (c,) KL(p_t || p_tau) (the difference first: no cancellation)
                 parts[k] += torch.stack([ce, kl]) @ vc
                 # dL/ds = w_ce (p - onehot(y)) + w_kl tau (p_tau - p_t), in place on the chunk's buffers
-                p_tau = None if tau == 1.0 else st.sub_(lse_st).exp_()
-                p = s.sub_(lse).exp_()
+                p_tau = None if tau == 1.0 else log_ptau.exp_()
+                p = log_p.exp_()
                 g = p.mul_(w_ce + w_kl) if tau == 1.0 else p.mul_(w_ce).add_(p_tau, alpha=w_kl * tau)
                 g.sub_(p_t, alpha=w_kl * tau)
                 g[torch.arange(len(yc), device=g.device), yc] -= w_ce
