@@ -73,7 +73,10 @@ def liger_loss():
         return None, f"liger_kernel does not import ({e})"
     if not torch.cuda.is_available():
         return None, "Liger-Kernel's kernels are Triton GPU kernels; there is no GPU here"
-    return LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0), None
+    try:  # releases before jsd_beta in [0, 1] refuse 0
+        return LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0), None
+    except (AssertionError, ValueError) as e:
+        return None, f"this liger_kernel refuses jsd_beta=0 (forward KL): {e}"
 
 
 def one_pass(kind, head, hs, z_t, labels, chunk):
@@ -85,7 +88,8 @@ def one_pass(kind, head, hs, z_t, labels, chunk):
             loss = fused_head_loss(hs, z_t, labels, head.weight, head.bias, 1.0, 1.0, 1.0, chunk)[0]
         elif kind == "liger":
             jsd = liger_loss()[0]
-            loss = sum(jsd(h, head.weight, z_t, head.weight) for h in hs)
+            W = head.weight  # Liger's matmuls take the rows in the head's dtype
+            loss = sum(jsd(h.to(W.dtype), W, z_t.to(W.dtype), W) for h in hs)
         else:
             loss = sum(sum(head_losses(h, z_t, labels, head, tau=1.0, chunk_size=chunk)) for h in hs)
     loss.backward()
