@@ -56,24 +56,39 @@ class RankLocal(torch.utils.data.Dataset):
     """A map-style dataset that already holds only this process's share: shuffled, never split again."""
 
 
+LENGTHS = ("q_lens", "a_lens")  # index rows on the host: read from a device, each would make the host wait
+
+
 def make_collate(student, teacher):
+    """(student batch, teacher batch or None, indices, host): `host` holds the indices and each side's lengths as
+    Python lists, which any loader's device move (accelerate's included) leaves where they are."""
     def collate(items):
         s = student.collate([it[0] for it in items])
         t = teacher.collate([it[1] for it in items]) if teacher is not None and items[0][1] is not None else None
-        return s, t, torch.tensor([it[2] for it in items])
+        idx = [it[2] for it in items]
+        host = {"idx": idx, "s": {k: s[k].tolist() for k in LENGTHS},
+                "t": None if t is None else {k: t[k].tolist() for k in LENGTHS}}
+        return s, t, torch.tensor(idx), host
     return collate
 
 
+def on_host(s, t, idx, host):
+    """The batches with their lengths, and the indices, as host tensors again (after the loader moved them)."""
+    put = lambda b, lens: None if b is None else {**b, **{k: torch.tensor(v) for k, v in lens.items()}}  # noqa: E731
+    return put(s, host["s"]), put(t, host["t"]), torch.tensor(host["idx"])
+
+
 class on_device:
-    """A loader whose (student batch, teacher batch, indices) come out on `device`, as accelerate's prepared loaders."""
+    """A loader whose (student batch, teacher batch, indices, host) come out on `device`, as accelerate's prepared
+    loaders."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, device
 
     def __iter__(self):
         move = lambda b: None if b is None else {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
-        for s, t, idx in self.loader:
-            yield move(s), move(t), idx
+        for s, t, idx, host in self.loader:
+            yield move(s), move(t), idx, host
 
 
 def make_loader(data, cfg: StageConfig, acc, g: torch.Generator, collate):
@@ -385,7 +400,7 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
         # 1. grad_accum micro-batches: the teacher's targets, the stage's loss terms, backward
         skipped, ids, finite, tokens = False, [], torch.tensor(True, device=acc.device), 0  # tokens: the window's answers
         for _ in range(cfg.grad_accum):
-            s_batch, t_batch, idx = next(st.batches)
+            s_batch, t_batch, idx = on_host(*next(st.batches))
             ids += idx.tolist()
             with acc.accumulate(module), acc.autocast():
                 t = teacher_fn(t_batch, idx).to(acc.device) if distil else None
@@ -400,7 +415,7 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
                     finite, tokens = torch.tensor(True, device=acc.device), 0
                 opt.zero_grad()
         # 3. record the step (the stage's LR: groups it does not train run at 0), guard, callbacks
-        rec = {k: v.item() for k, v in terms.items()}
+        rec = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))  # one device read
         st.history.append({"stage": stage, "step": st.step, "lr": max(sched.get_last_lr()), **rec, "skipped": skipped})
         st.in_row = st.in_row + 1 if skipped else 0
         if st.in_row >= max_skips:

@@ -14,10 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigenrecal.chunked import chunked_head_losses, fused_head_loss
 
-def answer_rows(x: torch.Tensor, q_lens: torch.Tensor, a_lens: torch.Tensor, shift: int = -1) -> torch.Tensor:
-    """Rows Lq+shift .. Lq+La-1+shift of each sample, flattened: (sum La, ...). shift=-1: predicting rows."""
-    return torch.cat([x[b, q + shift: q + a + shift] for b, (q, a) in enumerate(zip(q_lens.tolist(), a_lens.tolist()))])
+
+def answer_rows(x: torch.Tensor, q_lens, a_lens, shift: int = -1) -> torch.Tensor:
+    """Rows Lq+shift .. Lq+La-1+shift of each sample, flattened: (sum La, ...). shift=-1: predicting rows.
+    The lengths are lists or host tensors (the loop keeps them on the host: reading them from a device would wait)."""
+    qs, as_ = (v.tolist() if torch.is_tensor(v) else v for v in (q_lens, a_lens))
+    return torch.cat([x[b, q + shift: q + a + shift] for b, (q, a) in enumerate(zip(qs, as_))])
 
 
 @dataclass
@@ -28,16 +32,16 @@ class TeacherOut:
     z_a: list[torch.Tensor]  # per sample (La-1, d_l): answer features a_0..a_{La-2}, the Recalibrator's answer input
     z_pred: torch.Tensor  # (N, d_l): features at Lq_l-1..Lq_l+La-2; head(z_pred) = the teacher's target logits
     labels: torch.Tensor  # (N,): a_0..a_{La-1} in the teacher's vocabulary
-    a_lens: torch.Tensor  # (B,): La per sample
+    a_lens: torch.Tensor  # (B,): La per sample, on the host (lengths index rows; they never go to a device)
 
     @property
     def q_lens(self) -> torch.Tensor:
-        return torch.tensor([len(q) for q in self.z_q], device=self.labels.device)
+        return torch.tensor([len(q) for q in self.z_q])
 
     def to(self, device, dtype=None) -> "TeacherOut":
         mv = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
         return TeacherOut([mv(q) for q in self.z_q], [mv(a) for a in self.z_a], mv(self.z_pred), mv(self.labels),
-                          mv(self.a_lens))
+                          self.a_lens.cpu())
 
 
 def split_teacher(z: torch.Tensor, input_ids: torch.Tensor, q_lens: torch.Tensor, a_lens: torch.Tensor,
@@ -47,8 +51,8 @@ def split_teacher(z: torch.Tensor, input_ids: torch.Tensor, q_lens: torch.Tensor
     qs, as_ = q_lens.tolist(), a_lens.tolist()
     return TeacherOut(z_q=[z[b, :q] for b, q in enumerate(qs)],
                       z_a=[src[b, q: q + a - 1] for b, (q, a) in enumerate(zip(qs, as_))],
-                      z_pred=answer_rows(z, q_lens, a_lens, shift=-1),
-                      labels=answer_rows(input_ids, q_lens, a_lens, shift=0), a_lens=a_lens)
+                      z_pred=answer_rows(z, qs, as_, shift=-1),
+                      labels=answer_rows(input_ids, qs, as_, shift=0), a_lens=a_lens.cpu())
 
 
 def kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -63,7 +67,6 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
     """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and
     the teacher's own logits head(z_t). With `chunk_size`, (N x V_l) logits never exist at full size."""
     if chunk_size is not None and chunk_size < h.shape[0]:
-        from minigenrecal.chunked import chunked_head_losses
         return chunked_head_losses(h, z_t, labels, head.weight, head.bias, tau, chunk_size)
     # Both matmuls run in the frozen head's dtype, as in the chunked path: under FSDP2's or DeepSpeed's bf16 compute
     # the Recalibrator's rows arrive in bf16 while a replicated head may be held in the teacher's own dtype.
@@ -77,7 +80,14 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
 def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear, tau: float,
                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Recalibrator path: [z_q, ProjPre(teacher answer)] -> rows at Lq-1..Lq+La-2 -> (CE, KL)."""
-    out = recal(z_q, t.z_a)  # (B, T, d_l)
-    q_lens = torch.tensor([len(q) for q in z_q])
-    h = answer_rows(out, q_lens, t.a_lens.cpu())  # (N, d_l)
+    out = recal(z_q, t.z_a)  # (B, T, d_l) (all rows: Proj-post's weight gradient keeps its summation order)
+    h = answer_rows(out, [len(q) for q in z_q], t.a_lens)  # (N, d_l)
     return head_losses(h, t.z_pred, t.labels, head, tau, chunk_size)
+
+
+def fused_paths(recal, z_qs: list[list[torch.Tensor]], t: TeacherOut, head: nn.Linear, tau: float, w_ce: float,
+                w_kl: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every Recalibrator path (z_qs: main, then regularization) through one fused loss against the teacher's targets:
+    (w_ce CE + w_kl KL summed over the paths, the (P, 2) record of each path's (CE, KL))."""
+    hs = [recal(z_q, t.z_a, predicting_only=True) for z_q in z_qs]  # (N, d_l) each
+    return fused_head_loss(hs, t.z_pred, t.labels, head.weight, head.bias, tau, w_ce, w_kl, chunk_size)

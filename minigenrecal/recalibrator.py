@@ -110,13 +110,16 @@ class Recalibrator(nn.Module):
         seqs = [torch.cat([q, self.proj_pre(a)]) for q, a in zip(z_q, z_a)]
         return nn.utils.rnn.pad_sequence(seqs, batch_first=True)
 
-    def forward(self, z_q: list[torch.Tensor], z_a: list[torch.Tensor]) -> torch.Tensor:
-        """z_q: question features per sample already at d_s; z_a: teacher answer features (d_l). -> (B, T, d_l)."""
+    def forward(self, z_q: list[torch.Tensor], z_a: list[torch.Tensor], predicting_only: bool = False) -> torch.Tensor:
+        """z_q: question features per sample already at d_s; z_a: teacher answer features (d_l). -> (B, T, d_l);
+        predicting_only: only the rows that predict the answer, Lq-1 .. Lq+La-2 of each sample, flattened: (N, d_l)."""
         x = self.concat(z_q, z_a)  # (B, T, d_s)
         pos = torch.arange(x.shape[1], device=x.device)  # NPE: 0..T-1 over the concatenation
         for block in self.blocks:
             x = block(x, pos)
-        return self.norm(self.proj_post(x))  # (B, T, d_l), read by the teacher's frozen head
+        if predicting_only:  # Proj-post and the norm on the N rows the losses read, not on all B x T
+            x = torch.cat([x[b, len(q) - 1: len(q) + len(a)] for b, (q, a) in enumerate(zip(z_q, z_a))])  # (N, d_s)
+        return self.norm(self.proj_post(x))  # read by the teacher's frozen head
 
 
 def count_parameters(d_l: int, student_text_config, depth: int = 2) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minigenrecal.losses import TeacherOut, recal_path, split_teacher
+from minigenrecal.losses import TeacherOut, fused_paths, recal_path, split_teacher
 from minigenrecal.recalibrator import Recalibrator
 
 
@@ -29,7 +29,7 @@ class StageConfig:
     vision_lr_scale: float = 1.0  # LR multiplier for a trained vision encoder (its patch embedding has a huge fan-in)
     reg: bool = True  # the regularization path (stage 1 always uses it unless False; stage 2: docs/method.md, dec. 6)
     train_recal: bool = True  # False freezes the Recalibrator in stage 2 (a diagnostic variant, not the paper's)
-    chunk_size: int | None = None  # tokens per chunk for the teacher-head losses (memory-bounded)
+    chunk_size: int | None = None  # tokens per chunk of the fused teacher-head loss (memory-bounded); None: unfused
     max_grad_norm: float = 0.0  # clip the gradient's global L2 norm to this (0: off; the paper does not say)
     seed: int = 0
 
@@ -99,7 +99,7 @@ def teacher_forward(teacher, t_batch: dict, answer_input: str = "features") -> T
     """
     z = teacher.body(t_batch)  # (B, T_l, d_l)
     emb = teacher.embed(t_batch["input_ids"]).to(z.dtype) if answer_input == "embeddings" else None
-    return split_teacher(z, t_batch["input_ids"], t_batch["q_lens"].cpu(), t_batch["a_lens"].cpu(), emb)
+    return split_teacher(z, t_batch["input_ids"], t_batch["q_lens"], t_batch["a_lens"], emb)  # host lengths
 
 
 # -- the module that trains -----------------------------------------------------------------------------
@@ -114,20 +114,28 @@ class GenRecal(nn.Module):
         object.__setattr__(self, "teacher_head", teacher_head)
 
     def forward(self, stage: int, s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
-        terms = {}
+        terms, fused = {}, None
         if stage in (1, 2):
             with torch.set_grad_enabled(stage == 2):
                 z_s = self.student_view.body(s_batch)  # (B, T_s, d_s)
-            z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]
-            terms["ce_main"], terms["kl_main"] = recal_path(self.recal, z_qs, t, self.teacher_head, cfg.tau, cfg.chunk_size)
-            if cfg.reg:
-                z_ql = [self.recal.proj_pre(q) for q in t.z_q]  # (Lq_l, d_s) each
-                terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql, t, self.teacher_head, cfg.tau, cfg.chunk_size)
+            z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]  # host lengths: no device read
+            if cfg.chunk_size is None:  # unfused: each term its own tensor (the tiny pair's histories are pinned)
+                terms["ce_main"], terms["kl_main"] = recal_path(self.recal, z_qs, t, self.teacher_head, cfg.tau)
+                if cfg.reg:
+                    z_ql = [self.recal.proj_pre(q) for q in t.z_q]  # (Lq_l, d_s) each
+                    terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql, t, self.teacher_head, cfg.tau)
+            else:  # fused (chunked.py): the weighted head terms as one loss; their values are kept for the record
+                paths = [z_qs] + ([[self.recal.proj_pre(q) for q in t.z_q]] if cfg.reg else [])
+                fused, parts = fused_paths(self.recal, paths, t, self.teacher_head, cfg.tau, cfg.w_ce, cfg.w_kl,
+                                           cfg.chunk_size)
+                for name, (ce, kl) in zip(("main", "reg"), parts):
+                    terms[f"ce_{name}"], terms[f"kl_{name}"] = ce, kl
         if stage in (2, 3):
             z_s = z_s if stage == 2 else self.student_view.body(s_batch)
             terms["ce_student"] = self.student_view.student_ce(z_s, s_batch)
         w = {"ce_main": cfg.w_ce, "kl_main": cfg.w_kl, "ce_reg": cfg.w_ce, "kl_reg": cfg.w_kl, "ce_student": cfg.w_student}
-        terms["loss"] = sum(w[k] * v for k, v in terms.items())
+        weighted = [w[k] * v for k, v in terms.items() if fused is None or k == "ce_student"]
+        terms["loss"] = sum(weighted, fused if fused is not None else 0)
         return terms
 
 

@@ -61,6 +61,8 @@ def check_stage_step(stage: int, student_family: str = "idefics3", device: str =
 
 
 def check_chunked_equals_naive(dtype: torch.dtype, device: str = "cuda"):
+    """The chunked and the fused teacher-head losses equal the naive one (values and the gradient wrt h)."""
+    from minigenrecal.chunked import fused_head_loss
     from minigenrecal.losses import head_losses
     g = torch.Generator().manual_seed(0)
     N, d, V = 300, 256, 5000
@@ -77,6 +79,12 @@ def check_chunked_equals_naive(dtype: torch.dtype, device: str = "cuda"):
             ce, kl = head_losses(h, z_t, labels, head, 1.5, chunk)
         (ce + 0.5 * kl).backward()
         res.append((ce.detach(), kl.detach(), h.grad))
+    for chunk in (64, 77):  # the fused loss: the same weighted sum, its (CE, KL) kept as a record
+        h = h0.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, parts = fused_head_loss([h], z_t, labels, head.weight, None, 1.5, 1.0, 0.5, chunk)
+        loss.backward()
+        res.append((parts[0, 0], parts[0, 1], h.grad))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for ce, kl, gr in res[1:]:
         assert abs(ce - res[0][0]) / res[0][0] <= tol and abs(kl - res[0][1]) / res[0][1] <= tol

@@ -125,23 +125,45 @@ def stage2(tiny_pair, samples):
     return teacher, student, recal, s_batch, t
 
 
-def _backward_one_term(stage2, term, chunk_size):
-    """Backpropagate one stage-2 term alone; returns the gradient at the student features and who got gradients."""
+# the fused loss (chunk_size set) makes the weighted head terms one loss and keeps their values as a record only:
+# there a term is isolated by the weights, and the regularization path as the loss with it minus the loss without it
+ISOLATE = {"ce_main": dict(w_kl=0.0, w_student=0.0, reg=False), "kl_main": dict(w_ce=0.0, w_student=0.0, reg=False),
+           "ce_student": dict(w_ce=0.0, w_kl=0.0, reg=False), "ce_reg": dict(w_kl=0.0, w_student=0.0),
+           "kl_reg": dict(w_ce=0.0, w_student=0.0)}
+
+
+def _raw_grads(stage2, cfg, term):
+    """Backpropagate `term` of a stage-2 loss; the gradients (None where none) of each group and at the features."""
     teacher, student, recal, s_batch, t = stage2
     everything = list(student.model.parameters()) + list(recal.parameters()) + list(teacher.model.parameters())
     for p in everything:
         p.grad = None
     spy = FeatureSpy(student)
-    terms = stage_loss(2, spy, recal, teacher.head, s_batch, t, StageConfig(chunk_size=chunk_size))
-    terms[term].backward()
-    got = lambda ps: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in ps]
+    stage_loss(2, spy, recal, teacher.head, s_batch, t, cfg)[term].backward()
     layers = [p for n, p in student.model.named_parameters() if ".layers." in n and "vision" not in n]
-    res = {"llm_layers": got(layers), "projector": got(student_groups(student.model)["projector"]),
-           "recal": got(recal.parameters()), "teacher": [p.grad is not None for p in teacher.model.parameters()],
-           "z_grad": None if spy.z.grad is None else spy.z.grad.norm(dim=-1)}  # (B, T_s)
+    grab = lambda ps: [None if p.grad is None else p.grad.clone() for p in ps]  # noqa: E731
+    res = {"llm_layers": grab(layers), "projector": grab(student_groups(student.model)["projector"]),
+           "recal": grab(recal.parameters()), "teacher": grab(teacher.model.parameters()),
+           "z_grad": None if spy.z.grad is None else spy.z.grad.clone()}
     for p in everything:
         p.grad = None
     return res
+
+
+def _backward_one_term(stage2, term, chunk_size):
+    """Backpropagate one stage-2 term alone; returns the gradient at the student features and who got gradients."""
+    if chunk_size is None:
+        g = _raw_grads(stage2, StageConfig(), term)
+    else:
+        g = _raw_grads(stage2, StageConfig(chunk_size=chunk_size, **ISOLATE[term]), "loss")
+        if term in ("ce_reg", "kl_reg"):
+            g0 = _raw_grads(stage2, StageConfig(chunk_size=chunk_size, **{**ISOLATE[term], "reg": False}), "loss")
+            sub = lambda a, b: None if a is None and b is None else (a if b is None else a - b)  # noqa: E731
+            g = {k: sub(g[k], g0[k]) if k == "z_grad" else [sub(a, b) for a, b in zip(g[k], g0[k])] for k in g}
+    got = lambda ps: [p is not None and bool(p.abs().sum() > 0) for p in ps]  # noqa: E731
+    return {"llm_layers": got(g["llm_layers"]), "projector": got(g["projector"]), "recal": got(g["recal"]),
+            "teacher": [p is not None for p in g["teacher"]],
+            "z_grad": None if g["z_grad"] is None else g["z_grad"].norm(dim=-1)}  # (B, T_s)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
