@@ -151,7 +151,7 @@ def get_accelerator(grad_accum: int = 1):
     if not torch.cuda.is_available():  # accelerate imports DeepSpeed when installed; it would warn on every run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator, DistributedDataParallelKwargs  # imported here: after DS_ACCELERATOR is set
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin  # imported here: after DS_ACCELERATOR is set
     if _ACCELERATOR is None:
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                                    cpu=not torch.cuda.is_available(),

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-
 # Decoders whose attention hard-codes a q/k/v bias (and no o_proj bias) whatever `attention_bias` says
 QKV_BIAS_TYPES = ("qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text")
 

@@ -142,3 +142,36 @@ def test_nothing_cites_a_file_the_repository_lacks():
     found = [str(p.relative_to(ROOT)) for ext in ("py", "ipynb", "md") for p in ROOT.glob(f"**/*.{ext}")
              if ".venv" not in p.parts and p.name != "test_layout.py" and "METHOD.md" in p.read_text()]
     assert not found, found
+
+
+# Imports stand at the top of a module; inside a function only for a heavy or optional dependency, with the reason.
+LOCAL_OK = ("deepspeed", "matplotlib", "datasets", "nbclient", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+            "accelerate")
+
+
+def local_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, module, has a comment) for every import inside a function of `path`."""
+    src = path.read_text()
+    lines = src.splitlines()
+    out = []
+    for fn in ast.walk(ast.parse(src)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    mod = node.names[0].name if isinstance(node, ast.Import) else "." * node.level + (node.module or "")
+                    said = "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                    out.append((node.lineno, mod, said))
+    return out
+
+
+def test_function_level_imports_are_only_heavy_optional_ones_each_with_its_reason():
+    bad = [f"{p.relative_to(ROOT)}:{line}: {mod}" + ("" if said else " (no comment)")
+           for p in sorted(PKG.rglob("*.py")) for line, mod, said in local_imports(p)
+           if not said or not any(mod == k or mod.startswith(k + ".") for k in LOCAL_OK)]
+    assert not bad, bad
+
+
+def test_the_local_import_check_sees_one(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    import json\n    import deepspeed  # heavy\n")
+    assert local_imports(f) == [(2, "json", False), (3, "deepspeed", True)]

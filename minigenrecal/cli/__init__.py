@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import torch
 
 from minigenrecal.cli.common import add_preset_option, add_tracking_options, quiet
 from minigenrecal.cli.config import add_config_option, parse_with_config
@@ -14,12 +17,17 @@ from minigenrecal.cli.models import add_families_command
 from minigenrecal.cli.scale import add_bench_command, add_cache_command, add_launch_command
 from minigenrecal.cli.study import add_reproduce_command, add_transfer_command, add_warmstart_command
 from minigenrecal.cli.teach import add_grading_command
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.evaluation.exact_match import exact_match
+from minigenrecal.models.hub import load_hub_vlm
+from minigenrecal.models.presets import get_preset
+from minigenrecal.models.tiny import TEACHER_DIR
+from minigenrecal.models.vlm import VLMView
+from minigenrecal.study.pipeline import demo
+from minigenrecal.study.teacher import train_teacher
 
 
 def cmd_demo(a):
-    import torch
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.study.pipeline import demo
     torch.manual_seed(a.seed)
     preset = get_preset(a.preset)
     res = demo(preset, a.output_dir, data_seed=a.data_seed, n_test=a.n_test, checkpoint_every=a.save_steps,
@@ -36,10 +44,6 @@ def cmd_demo(a):
 
 
 def cmd_evaluate(a):
-    from minigenrecal.data.synthetic import make_split
-    from minigenrecal.evaluation.exact_match import exact_match
-    from minigenrecal.models.hub import load_hub_vlm
-    from minigenrecal.models.vlm import VLMView
     model, proc = load_hub_vlm(a.student, dtype="float32")  # the family's processor stand-in without torchvision
     res = exact_match(VLMView(model, proc, name="student"), make_split(a.data_seed, a.split, a.n))
     print(json.dumps({"student": a.student, "data_seed": a.data_seed, "split": a.split, "n": res["n"],
@@ -47,7 +51,6 @@ def cmd_evaluate(a):
 
 
 def cmd_make_teacher(a):
-    from minigenrecal.study.teacher import train_teacher
     info = train_teacher(a.out, steps=a.steps, n_train=a.n_train, seed=a.seed, threads=a.threads, task=a.task)
     print(json.dumps(info))
 
@@ -77,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=500, help="samples to score")
     e.set_defaults(fn=cmd_evaluate)
     m = sub.add_parser("make-teacher", help="train the tiny teacher and save it (the shipped checkpoint)")
-    from minigenrecal.models.tiny import TEACHER_DIR
     m.add_argument("--out", default=str(TEACHER_DIR), help="where to save it (default: the shipped teacher)")
     m.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     m.add_argument("--n-train", type=int, default=20000, help="synthetic training samples")
@@ -94,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    import os
-    import torch
     if not torch.cuda.is_available():  # accelerate imports DeepSpeed when installed; it would warn on every command
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet()

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from transformers.utils import logging
+
 from minigenrecal.models.presets import PRESETS, Preset, get_preset
+from minigenrecal.scale.tracking import REPORT_TO
 
 
 def quiet() -> None:
     """No warnings and no transformers info lines on the command line."""
     warnings.filterwarnings("ignore")
-    from transformers.utils import logging
     logging.set_verbosity_error()
 
 
@@ -38,7 +40,6 @@ def add_preset_option(p, default: str = "tiny") -> None:
 
 def add_tracking_options(p, logging_steps: int = 10) -> None:
     """`--report_to`, `--logging_steps`, `--run_name`: transformers' names, accelerate's trackers (scale/tracking.py)."""
-    from minigenrecal.scale.tracking import REPORT_TO
     p.add_argument("--report_to", nargs="+", default=["none"], choices=REPORT_TO, metavar="TRACKER",
                    help=f"experiment trackers, one or more of: {', '.join(REPORT_TO)} (default none); tensorboard "
                         "writes OUTPUT_DIR/runs/RUN_NAME")

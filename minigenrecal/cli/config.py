@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -135,7 +136,6 @@ def apply_preset_fields(preset: Preset, data: dict, path: str) -> Preset:
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `argv`; when a subcommand of CONFIG_COMMANDS names `--config FILE`, the file's flags go in front of
     the command line's (so the command line wins) and its preset fields replace the preset's."""
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = next((w for w in argv if not w.startswith("-")), None)
     if cmd not in CONFIG_COMMANDS:

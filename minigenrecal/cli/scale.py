@@ -8,6 +8,8 @@ import torch
 
 from minigenrecal.cli.common import add_preset_option, add_tracking_options
 from minigenrecal.cli.config import add_config_option
+from minigenrecal.data.llava import MULTI_TURN
+from minigenrecal.models.presets import PRESETS
 from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
 from minigenrecal.scale.cache import cache_teacher
 from minigenrecal.scale.launch import run
@@ -17,7 +19,6 @@ from minigenrecal.scale.launch import run
 def add_data_options(p) -> None:
     """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
     for both, so the cache holds the samples training asks for)."""
-    from minigenrecal.data.llava import MULTI_TURN
     p.add_argument("--data", default=None, help="LLaVA conversation records or chat-format ones (messages + "
                                                 "images), a .json list or a .jsonl file (default: the synthetic "
                                                 "train split)")
@@ -117,7 +118,6 @@ def add_bench_command(sub) -> None:
                    help="print docs/scaling.md's training memory table (every preset and GPU count; arithmetic)")
 
     def run(a):
-        from minigenrecal.models.presets import PRESETS
         cuda = torch.cuda.is_available()
         scale = a.scale or (1.0 if cuda else 0.05)
         shape = dict(batch=a.batch or (4 if cuda else 2), lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16))

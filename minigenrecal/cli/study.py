@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from minigenrecal.study.reproduce import reproduce, verdict_lines, write_report as write_reproduce_report
+from minigenrecal.study.reproduce import reproduce, verdict_lines
+from minigenrecal.study.reproduce import write_report as write_reproduce_report
 from minigenrecal.study.transfer import Plan, analyse, probe_budget, quick_plan, transfer, tune_lr, write_report
 from minigenrecal.study.warmstart import KINDS, train_warm_start
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from minigenrecal.data.llava import SampleError, skip_entry
+from minigenrecal.data.sources import iter_samples, open_source
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.loop import PairData
 
@@ -35,7 +36,6 @@ def as_samples(train, skipped: list | None = None) -> list[Sample]:
     JSON/JSONL path, a `save_to_disk` directory) becomes one, images decoded; bad records go to `skipped`."""
     if isinstance(train, list):
         return train
-    from minigenrecal.data.sources import iter_samples, open_source
     return list(iter_samples(open_source(train), "reject", skipped))
 
 

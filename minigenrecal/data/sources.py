@@ -50,8 +50,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minigenrecal.data.llava import (MULTI_TURN, SampleError, _record_image, as_llava, read_records, record_pairs, skip_entry,
-                                     to_rgb)
+from minigenrecal.data.llava import (
+    MULTI_TURN,
+    SampleError,
+    _record_image,
+    as_llava,
+    read_records,
+    record_pairs,
+    skip_entry,
+    to_rgb,
+)
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.loop import RankLocal
 
@@ -215,7 +223,8 @@ def _hf_record(row: dict, sid: str, root: Path, image_column: str) -> Record:
 def _undecoded(ds, image_column: str):
     """The dataset with its Image column (and a chat dataset's `images` list of Image) read as {'bytes', 'path'}
     (decoded later, here, per sample)."""
-    from datasets import Image as ImageFeature, List, Sequence
+    from datasets import Image as ImageFeature  # optional: only `datasets` sources need it
+    from datasets import List, Sequence  # optional: only `datasets` sources need it
     features = ds.features or {}
     if isinstance(features.get(image_column), ImageFeature):
         ds = ds.cast_column(image_column, ImageFeature(decode=False))
@@ -259,7 +268,7 @@ class HFStreamRecords:
 
     def __init__(self, ds, rank: int = 0, world_size: int = 1, image_root: str | Path | None = None,
                  image_column: str = "image", id_column: str = "id", name: str = "stream"):
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # optional: only `datasets` sources need it
         self.rank, self.name = rank, name
         self.root = Path(image_root) if image_root is not None else Path(".")
         self.image_column, self.id_column = image_column, id_column
@@ -274,7 +283,7 @@ class HFStreamRecords:
 
 def _one_split(ds, split: str):
     """A DatasetDict's `split`; a dataset unchanged."""
-    import datasets
+    import datasets  # optional: only `datasets` sources need it
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in ds:
             raise ValueError(f"the dataset has splits {list(ds)}, not {split!r}; pass split=...")
@@ -286,7 +295,7 @@ def open_source(data, rank: int = 0, world_size: int = 1, image_root: str | Path
                 split: str = "train", image_column: str = "image", id_column: str = "id"):
     """This rank's share of `data`, records un-decoded: a `.json` or `.jsonl` path, a `save_to_disk` directory, a
     `datasets.Dataset` (map-style: `MapRecords`) or a `datasets.IterableDataset` (a stream: iterate it)."""
-    import datasets
+    import datasets  # optional: only `datasets` sources need it
     _check_rank(rank, world_size)
     hf = dict(image_root=image_root, image_column=image_column, id_column=id_column)
     if isinstance(data, (str, Path)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from itertools import product
 
 from PIL import Image, ImageDraw
 
@@ -134,8 +135,6 @@ def colour_posterior(cell: tuple[str, str, float] | None) -> dict[str, float]:
 def question_posterior(cells: list[tuple[str, str, float, str] | None], kind: int, arg) -> tuple[str, dict[str, float]]:
     """The question of kind `kind` (as in `make_qa`; `arg` = cell index, colour or shape) and its exact posterior
     over every closed candidate answer (zeros included, the order of `metrics.candidates`)."""
-    from itertools import product
-
     present = [c for c in cells if c is not None]
     if kind == 0:
         q = f"What is in the {CELLS[arg]} cell?"

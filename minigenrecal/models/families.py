@@ -16,10 +16,29 @@ from typing import Callable
 
 import torch
 import transformers as tf
-from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+from tokenizers import processors
+from transformers import (
+    GotOcr2ImageProcessorPil,
+    Idefics3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.image_processing_utils import select_best_resolution
+from transformers.utils import cached_file
 
-from minigenrecal.models.tiny import (CHATML, _finish, student_config, student_processor, teacher_config, teacher_processor,
-                                     train_tokenizer)
+from minigenrecal.models.tiny import (
+    CHATML,
+    _finish,
+    student_config,
+    student_processor,
+    teacher_config,
+    teacher_processor,
+    train_tokenizer,
+)
 
 
 # == processors ==================================================================================================
@@ -111,7 +130,6 @@ def _llava_tokens(cfg, vis: dict) -> int:
 
 def _llava_next_tokens(cfg, vis: dict) -> int:
     """Base image + the tiles' features unpadded to the image's aspect ratio, one newline feature per row."""
-    from transformers.image_processing_utils import select_best_resolution
     vc, side = cfg.vision_config, _grid(cfg.vision_config)
     total = 0
     for h, w in vis["image_sizes"].tolist():
@@ -192,7 +210,6 @@ class Family:
 def _tokenizer(special: list[str], template: str, eos: str, pad: str, bos: str | None = None, **named):
     """The synthetic task's byte-BPE with the family's special tokens. `bos`: the tokenizer adds it itself (as
     Gemma, Llama and Mistral tokenizers do); `named`: attributes such as `tok.boi_token` that processors read."""
-    from tokenizers import processors
     base = train_tokenizer("bpe", 320, special, template, eos=eos, pad=pad)
     backend = base.backend_tokenizer
     if bos is not None:
@@ -428,7 +445,6 @@ def load_processor(name_or_path: str, model_type: str | None = None, **kw):
 
 def _pixtral_from_pretrained(name_or_path: str, **kw) -> SimpleProcessor:
     """A saved PixtralProcessor (processor_config.json: patch_size, spatial_merge_size) as its stand-in."""
-    from transformers.utils import cached_file
     cfg = json.loads(Path(cached_file(name_or_path, "processor_config.json", **kw)).read_text())
     patch = cfg.get("patch_size", 16) * cfg.get("spatial_merge_size", 1)
     ip = tf.PixtralImageProcessorPil.from_pretrained(name_or_path, **kw)
@@ -478,9 +494,6 @@ CHATML_INTERNVL = CHATML.replace("<image>\n", "<img><IMG_CONTEXT></img>\n")
 
 def build_tiny_vlm(family: str, seed: int = 0, d: int = 64, layers: int = 2):
     """A random-init tiny VLM of `family` ('llava', 'idefics3', 'qwen2vl', 'internvl') and its processor."""
-    from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
-                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
-
     torch.manual_seed(seed)
     if family == "llava":
         proc = teacher_processor()

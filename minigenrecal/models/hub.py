@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+from transformers import AutoModel, AutoModelForImageTextToText, AutoTokenizer, GotOcr2ImageProcessorPil
 
 from minigenrecal.models.families import SimpleProcessor, load_processor, model_type_of_dir
 
@@ -56,7 +57,6 @@ class InternVLTileProcessor(SimpleProcessor):
     @classmethod
     def from_saved(cls, path, tokenizer) -> "InternVLTileProcessor | None":
         """The processor `save_pretrained` wrote in `path` (None where there is none, e.g. a hub checkpoint)."""
-        from transformers import GotOcr2ImageProcessorPil
         path = Path(path)
         if not (path / TILE_PROCESSOR_FILE).is_file():
             return None
@@ -66,7 +66,6 @@ class InternVLTileProcessor(SimpleProcessor):
 
 def internvl_image_processor(tile: int = 448, max_tiles: int = 12):
     """InternVL2.5's dynamic tiling (closest aspect-ratio grid of `tile`-px tiles, + a thumbnail), ImageNet norm."""
-    from transformers import GotOcr2ImageProcessorPil
     return GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
                                     max_patches=max_tiles, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
@@ -196,7 +195,6 @@ def load_hub_vlm(hub_id: str, dtype: str = "bfloat16", remote_code: bool = False
     `InternVLChatAdapter` (a preset's flag covers both sides; a native model on the other side still loads natively).
     `attn`: the attention implementation ('sdpa', 'flash_attention_2'; None: transformers' default); `revision`: the
     commit to load (required for remote code from the hub, see `pinned`)."""
-    from transformers import AutoModel, AutoModelForImageTextToText, AutoTokenizer
     dt = getattr(torch, dtype)
     remote = remote_code and is_remote_internvl(hub_id)
     pin = pinned(hub_id, revision, remote)

@@ -2,21 +2,31 @@
 or hub ids / local directories, and the teacher as a `load(meta)` function a backend can call on the meta device."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from minigenrecal.models.families import load_processor
+from minigenrecal.models.hub import is_remote_internvl, load_hub_vlm, pinned
+from minigenrecal.models.tiny import TEACHER_DIR, build_student, load_teacher
+from minigenrecal.models.tiny_pairs import build_tiny_pair
+from minigenrecal.models.vlm import VLMView
 
 
 def load_student_only(preset, tiny_random: bool):
-    from minigenrecal.models.vlm import VLMView
     if tiny_random:
-        from minigenrecal.models.tiny_pairs import build_tiny_pair
         return build_tiny_pair(preset)[1]
     if preset.student == "tiny":
-        from minigenrecal.models.tiny import build_student
         model, proc = build_student(0)
     else:
-        from minigenrecal.models.hub import load_hub_vlm
         model, proc = load_hub_vlm(preset.student, preset.dtype, preset.remote_code, preset.attn, preset.student_revision)
         if preset.checkpointing:
             checkpoint_activations(model)
@@ -39,32 +49,24 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
     """load(meta) -> (teacher model, processor). meta=True builds the same model on the meta device without
     reading weights (the FSDP backend's ranks > 0 receive their shards from rank 0). `teacher_dir`: the tiny
     preset's teacher from another checkpoint than the shipped one."""
-    import contextlib
-
     def load(meta: bool):
         ctx = torch.device("meta") if meta else contextlib.nullcontext()
         if tiny_random:
-            from minigenrecal.models.tiny_pairs import build_tiny_pair
             with ctx:
                 view = build_tiny_pair(preset)[0]
             return view.model, view.processor
         if preset.teacher == "tiny":
-            from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-            from minigenrecal.models.tiny import TEACHER_DIR, load_teacher
             path = teacher_dir or TEACHER_DIR
             if not meta:
                 return load_teacher(path)
             with ctx:
                 model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path))
             return model.eval(), LlavaProcessor.from_pretrained(path)
-        from minigenrecal.models.hub import load_hub_vlm, pinned
         if not meta:
             return load_hub_vlm(preset.teacher, preset.dtype, preset.remote_code, preset.attn, preset.teacher_revision)
         if preset.remote_code:
             raise ValueError(f"{preset.teacher} loads through remote code, which cannot be built on the meta device "
                              "for FSDP: launch with configs/zero3.yaml instead")
-        from transformers import AutoConfig, AutoModelForImageTextToText
-        from minigenrecal.models.families import load_processor
         pin = pinned(preset.teacher, preset.teacher_revision, False)
         config = AutoConfig.from_pretrained(preset.teacher, **pin)
         with ctx:
@@ -75,8 +77,6 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
     def config():
         """The teacher's config, without reading its weights (a meta-device build; remote code: its config.json)."""
         if preset.remote_code and not tiny_random:
-            from transformers import AutoConfig
-            from minigenrecal.models.hub import is_remote_internvl, pinned
             pin = pinned(preset.teacher, preset.teacher_revision, is_remote_internvl(preset.teacher))
             return AutoConfig.from_pretrained(preset.teacher, trust_remote_code=True, **pin)
         return load(True)[0].config

@@ -15,7 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal.data.llava import SampleError, to_rgb  # SampleError: a sample that cannot be used, named in the message
+from minigenrecal.data.llava import (  # SampleError: a sample that cannot be used, named in the message
+    SampleError,
+    to_rgb,
+)
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.losses import answer_rows
 from minigenrecal.models.families import Family, family_of_model

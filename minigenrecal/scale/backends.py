@@ -21,6 +21,8 @@ The teacher head is gathered once into a replicated frozen `nn.Linear` (loop.py 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +30,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from accelerate.data_loader import prepare_data_loader
+from transformers import PretrainedConfig
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.models.auto.configuration_auto import model_type_to_module_name
 
 from minigenrecal.loop import AccelerateBackend
 from minigenrecal.models.vlm import VLMView
@@ -88,7 +94,7 @@ def gathered(weight: torch.Tensor, bias: torch.Tensor | None):
     gathered in place, an FSDP2 DTensor shard with `full_tensor()` (both are collectives: every rank calls).
     """
     if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed
+        import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None], modifier_rank=None):
             yield weight, bias
         return
@@ -166,7 +172,6 @@ class _Distributed:
 
     # the loop's surface
     def prepare(self, loader):
-        from accelerate.data_loader import prepare_data_loader
         return prepare_data_loader(loader, self.device, num_processes=self.num_processes,
                                    process_index=self.process_index, put_on_device=True)
 
@@ -222,13 +227,13 @@ class FSDPBackend(_Distributed):
     name = "fsdp"
 
     def _policy(self):
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy  # only the FSDP2 backend needs it
         if self.bf16:
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
 
     def _shard(self, root: nn.Module, inner: nn.Module) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # only the FSDP2 backend needs it
         for m in _layers(inner):
             fully_shard(m, mp_policy=self._policy())
         fully_shard(root, mp_policy=self._policy())
@@ -249,12 +254,14 @@ class FSDPBackend(_Distributed):
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it."""
+        # only the FSDP2 backend needs it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         """Every rank builds the teacher on the meta device, shards it, and materialises only its own shards on its
         device; rank 0 alone reads the weights (to host memory) and broadcasts each shard's part."""
+        # only the FSDP2 backend needs it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         full, buffers = {}, {}
         if self.is_main_process:
@@ -291,10 +298,6 @@ def import_modeling_modules(config) -> list[str]:
     '_kernel_funcs'". Classes that already exist when `zero.Init` starts are recorded with their decorated
     `__init__` and restored intact, so importing the modules first is the whole fix. The hub kernels themselves stay
     off: nothing here calls `kernelize` or passes `use_kernels`, so no kernel code is downloaded."""
-    import importlib
-    import importlib.util
-    from transformers import PretrainedConfig
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
     names, todo, seen = [], [config], set()
     while todo:
         c = todo.pop()
@@ -331,7 +334,7 @@ class DeepSpeedBackend(_Distributed):
     name = "deepspeed"
 
     def __init__(self):
-        import deepspeed
+        import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         super().__init__()
@@ -352,7 +355,7 @@ class DeepSpeedBackend(_Distributed):
         return module.to(self.device)
 
     def prepare_module(self, module, opt):
-        import deepspeed
+        import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         hidden = getattr(getattr(module, "student_view", None), "text_config", None)
         cfg = self.config(self.zero_stage, hidden=getattr(hidden, "hidden_size", None))
         self.engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
@@ -372,6 +375,7 @@ class DeepSpeedBackend(_Distributed):
         """The gradient's global L2 norm at the accumulation boundary (the loop's non-finite guard reads it). Under
         ZeRO-3 `p.grad` is None: each rank reads its own fp32 partition of each gradient (`safe_get_local_grad`) and
         the squares are summed over ranks; under ZeRO-1/2 `safe_get_full_grad` gives each whole gradient."""
+        # heavy, optional: only the ZeRO-3 backend needs it
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
         sq, partitioned = torch.zeros((), dtype=torch.float32, device=self.device), False
         for p in self.unwrap_model(module).parameters():
@@ -388,6 +392,7 @@ class DeepSpeedBackend(_Distributed):
     def scale_grads(self, module, c: torch.Tensor) -> None:
         """Multiply the gradient by `c` (the loop's token normalisation) where DeepSpeed holds it: each rank's ZeRO-3
         partitions, or the whole gradients under ZeRO-1/2."""
+        # heavy, optional: only the ZeRO-3 backend needs it
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
         for p in self.unwrap_model(module).parameters():
             if not p.requires_grad:
@@ -404,7 +409,7 @@ class DeepSpeedBackend(_Distributed):
 
     def full_state_dict(self, module) -> dict[str, torch.Tensor]:
         """The whole state dict on rank 0 (CPU), {} elsewhere; every rank must call it (ZeRO-3 gathers)."""
-        import deepspeed
+        import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         inner = self.unwrap_model(module)
         out = {}
         for name, t in inner.state_dict(keep_vars=True).items():
@@ -415,8 +420,7 @@ class DeepSpeedBackend(_Distributed):
         return out
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
+        import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         config = load.config()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         text = getattr(config, "llm_config", None) or text  # InternVL's remote config keeps its LLM's there

@@ -35,6 +35,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from minigenrecal.losses import answer_rows, split_teacher
+from minigenrecal.models.presets import PRESETS, get_preset
+from minigenrecal.recalibrator import Recalibrator, count_parameters
+from minigenrecal.stages import GenRecal, StageConfig, set_trainable
 
 H100_BF16_PEAK = 989e12
 GiB = 2 ** 30
@@ -87,7 +93,6 @@ def _default_dtype(dtype):
 
 
 def lm_config(dims: TextDims):
-    from transformers import LlamaConfig, Qwen2Config
     kw = dict(vocab_size=dims.vocab, hidden_size=dims.d, num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
               num_key_value_heads=dims.kv, intermediate_size=dims.ffn, tie_word_embeddings=dims.tied,
               max_position_embeddings=32768, attn_implementation="sdpa")
@@ -95,7 +100,6 @@ def lm_config(dims: TextDims):
 
 
 def _lm(dims: TextDims) -> nn.Module:
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
     return (Qwen2ForCausalLM if dims.arch == "qwen2" else LlamaForCausalLM)(lm_config(dims))
 
 
@@ -132,7 +136,6 @@ class TextView:
                                 use_cache=False).last_hidden_state
 
     def student_ce(self, z, batch):
-        from minigenrecal.losses import answer_rows
         rows = answer_rows(z, batch["q_lens"], batch["a_lens"])
         return F.cross_entropy(self.head(rows).float(), answer_rows(batch["input_ids"], batch["q_lens"], batch["a_lens"], 0))
 
@@ -179,8 +182,6 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     gradient and two fp32 AdamW states (16 bytes, sharded) instead of gradient + states in the weights' dtype, and
     from stage 1 on, since one engine serves the whole run (ZeRO-3 allocates them at start-up).
     """
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.recalibrator import count_parameters
     preset = get_preset(preset_name)
     td, sd = dims_of(preset.teacher).scaled(scale), dims_of(preset.student).scaled(scale)
     lq_l = lq_l or lq
@@ -229,7 +230,6 @@ TABLE_PARTS = ("teacher body", "teacher head", "student", "recalibrator", "grads
 def training_memory_table(lq: int = 768, la: int = 256, chunk: int = 1024) -> list[str]:
     """docs/scaling.md's table: GiB per GPU of a `train` launch (FSDP2 or ZeRO-3), arithmetic, per preset, GPU
     count and stage, at each stage's per-GPU batch from the preset, a live sharded teacher, fp32 master weights."""
-    from minigenrecal.models.presets import PRESETS
     lines = ["| preset | GPUs | stage | batch/GPU | teacher body | teacher head | student | Recalibrator | "
              "fp32 master + grads + AdamW | activations + losses | total |", "|---" * 11 + "|"]
     for name, preset in PRESETS.items():
@@ -275,10 +275,6 @@ def bench(preset_name: str, scale: float = 1.0, batch: int = 4, lq: int = 768, l
     Refuses (`WillNotFit`) before building when the memory estimate exceeds `capacity_gib` (default: the GPU's
     memory; no limit on CPU) unless `force`. `on_row(row)` is called as each stage's row is ready.
     """
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.losses import split_teacher
-    from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.stages import GenRecal, StageConfig, set_trainable
     preset = get_preset(preset_name)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

@@ -37,11 +37,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from minigenrecal.data.llava import SampleError
-from minigenrecal.data.synthetic import Sample
+from minigenrecal.data.llava import SampleError, read_llava_json, skip_entry
+from minigenrecal.data.pairs import write_skip_report
+from minigenrecal.data.synthetic import Sample, make_split
 from minigenrecal.losses import TeacherOut
+from minigenrecal.models.loading import teacher_loader
+from minigenrecal.models.presets import get_preset
 from minigenrecal.models.vlm import VLMView
+from minigenrecal.scale.backends import end_launch, get_backend
+from minigenrecal.stages import teacher_forward
 
 FORMAT = 2
 SHARD_BYTES = 2 * 1024 ** 3  # default cap of one shard file
@@ -317,7 +323,6 @@ def build_cache(teacher: VLMView, samples: list[Sample], out: str | Path, batch_
     run = _BatchRunner(teacher, samples, batch_size, _dtype(dtype), answer_input, skip_bad)
     bar = range(steps)
     if progress and rank == 0:
-        from tqdm.auto import tqdm
         bar = tqdm(bar, desc="teacher cache")
     for step in bar:
         run(todo[step] if step < len(todo) else None, writer)
@@ -341,8 +346,6 @@ class _BatchRunner:
         self.filler = _Filler(teacher, samples)
 
     def __call__(self, j: int | None, writer: _ShardWriter) -> None:
-        from minigenrecal.data.llava import skip_entry
-        from minigenrecal.stages import teacher_forward
         positions = range(j * self.B, min((j + 1) * self.B, len(self.samples))) if j is not None else range(0)
         encs, order = [], []  # order: (input position, index into encs or a skip record)
         for p in positions:
@@ -581,21 +584,15 @@ def _load_teacher(a) -> tuple[VLMView, nn.Linear]:
     FSDP or ZeRO-3 launch configs it is sharded across the processes (its body is then a collective: every process
     runs the same number of forwards, see `build_cache`) and the head is a replicated copy; otherwise each process
     holds it whole on its own device."""
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.scale.backends import get_backend
-    from minigenrecal.models.loading import teacher_loader
     preset = get_preset(a.preset)
     return get_backend().place_teacher(teacher_loader(preset, False, a.teacher_dir), preset.max_length)
 
 
 def _read_samples(a, skipped: list | None) -> tuple[list[Sample], dict]:
     """The samples to cache (`--data` records, or the synthetic train split) and what meta.json says of them."""
-    from minigenrecal.data.synthetic import make_split
-    from minigenrecal.data.llava import read_llava_json
     if a.data:
         samples = read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped)
         return samples[: a.n] if a.n else samples, {"data": Path(a.data).name, "multi_turn": a.multi_turn}
-    from minigenrecal.models.presets import get_preset
     n = a.n or get_preset(a.preset).n_train
     return make_split(a.data_seed, "train", n), {"data_seed": a.data_seed, "split": "train"}
 
@@ -603,9 +600,6 @@ def _read_samples(a, skipped: list | None) -> tuple[list[Sample], dict]:
 def cache_teacher(a) -> None:
     """`cache-teacher`: the preset's teacher once over the samples (`a` is the command's namespace), one shard file
     per `shard_bytes`, resumable; bad samples skipped and recorded in OUT/skipped.jsonl (or fatal with --strict)."""
-    from minigenrecal.data.pairs import write_skip_report
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.scale.backends import end_launch
     _init_distributed()
     rank, world = _rank_world()
     preset = get_preset(a.preset)

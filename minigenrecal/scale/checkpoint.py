@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from minigenrecal.loop import Callback, LoopState
 from minigenrecal.models.vlm import VLMView
@@ -151,7 +152,6 @@ class Checkpointer(Callback):
 
     def saved_tokenizer(self):
         """The student's tokenizer as saved with the resume point (None when not resuming)."""
-        from transformers import AutoTokenizer
         return None if self.point is None else AutoTokenizer.from_pretrained(self.point / TOKENIZER_DIR)
 
     def on_stage_begin(self, st: LoopState) -> None:

@@ -23,10 +23,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from minigenrecal.loop import Callback, LoopState, run_stages
+from minigenrecal.chunked import chunked_head_losses
+from minigenrecal.data.llava import read_llava_json
+from minigenrecal.data.pairs import encode_pairs, write_skip_report
+from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.loop import Callback, Engine, LoopState, run_stages
 from minigenrecal.models.loading import load_student_only, teacher_loader
-from minigenrecal.scale.backends import gathered
+from minigenrecal.models.presets import get_preset
+from minigenrecal.recalibrator import Recalibrator
+from minigenrecal.scale.backends import end_launch, gathered, get_backend
+from minigenrecal.scale.cache import TeacherCache
+from minigenrecal.scale.checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
+from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.scale.model_card import write_model_card
 from minigenrecal.scale.tracking import Tracking
 
@@ -44,7 +56,6 @@ def save_outputs(backend, module, student, recal, out: Path, main: bool) -> dict
     """Gather the whole module (a collective: every rank calls this) and, on the main rank, write
     OUT/student (weights, config, processor: loads with the Auto classes) and OUT/recalibrator.safetensors
     (+ recalibrator.json), so a later launch can continue with `--recal-in OUT`. Returns the gathered state."""
-    from safetensors.torch import save_file
     full = backend.full_state_dict(module)
     if main:
         sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
@@ -74,7 +85,6 @@ def save_processor(processor, path: Path) -> None:
 
 def load_recal(recal, path: str | Path) -> None:
     """Load OUT/recalibrator.safetensors of an earlier launch (stages as separate launches)."""
-    from safetensors.torch import load_file
     path = Path(path)
     recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
 
@@ -116,7 +126,6 @@ def lazy_data(a, acc, student, teacher, skipped: list | None):
     """`--lazy` / `--stream`: this process's share of --data (record r to process r % P), nothing decoded up front;
     each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
     `--stream` reads it in order (JSONL: a process parses only its own lines)."""
-    from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
     records = open_source(a.data, acc.process_index, acc.num_processes, a.image_root)
     cls = StreamPairData if a.stream else LazyPairData
     data = cls(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
@@ -127,21 +136,12 @@ def gather_lists(items: list, world: int) -> list:
     """Every process's list, concatenated in process order, on every process."""
     if world == 1:
         return items
-    import torch.distributed as dist
     parts = [None] * world
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
 
 
 def run(a) -> dict:
-    from minigenrecal.scale.checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
-    from minigenrecal.models.presets import get_preset
-    from minigenrecal.loop import Engine
-    from minigenrecal.scale.manifest import run_manifest, write_manifest
-    from minigenrecal.data.synthetic import make_split
-    from minigenrecal.data.llava import read_llava_json
-    from minigenrecal.recalibrator import Recalibrator
-    from minigenrecal.scale.backends import end_launch, get_backend
 
     preset = get_preset(a.preset)
     backend = get_backend()
@@ -157,7 +157,6 @@ def run(a) -> dict:
                else make_split(a.data_seed, "train", a.n or preset.n_train))
     teacher, cache = None, None
     if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
-        from minigenrecal.scale.cache import TeacherCache
         cache = TeacherCache(a.cache)
         missing = [s for s in samples if s.id not in cache]
         if samples and len(missing) == len(samples):  # nothing would train: a cache of another data source
@@ -181,7 +180,6 @@ def run(a) -> dict:
         student = with_saved_tokenizer(student, ckpt)
     elif a.save_steps > 0 and not a.no_save and backend.name == "accelerate":
         ckpt = Checkpointer(out / "checkpoints", a.save_steps)
-    from minigenrecal.data.pairs import encode_pairs, write_skip_report
     data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
     cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
     torch.manual_seed(a.seed)
@@ -269,7 +267,6 @@ class _Probe(Callback):
 
     def _chunked(self) -> dict:
         """The chunked CE/KL through the teacher's own (sharded) head and through the replicated copy."""
-        from minigenrecal.chunked import chunked_head_losses
         lm = self.teacher.model.get_output_embeddings()
         g = torch.Generator().manual_seed(0)
         d, V = self.head.weight.shape[1], self.head.weight.shape[0]

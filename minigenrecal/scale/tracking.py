@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
 from minigenrecal.loop import Callback, LoopState
 from minigenrecal.stages import StageConfig
 
@@ -43,7 +45,6 @@ def flat_config(config: dict, prefix: str = "") -> dict:
 
 def open_trackers(report_to: list[str], logging_dir: str | Path, run_name: str) -> list:
     """accelerate's tracker objects, started; a tracker whose package is missing is refused by name."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
     names = [n for n in dict.fromkeys(report_to) if n != "none"]
     unknown = [n for n in names if n not in REPORT_TO]
     if unknown:

@@ -20,9 +20,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from minigenrecal.loop import Engine, PairData, train_stage
 from minigenrecal.losses import TeacherOut, answer_rows, head_losses, kl_from_logits
+from minigenrecal.models.tiny import _finish, student_config, student_processor, teacher_config, teacher_processor
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.stages import StageConfig, teacher_forward
 
@@ -128,9 +130,6 @@ def build_same_tokenizer_student(seed: int = 0):
     """A Llava student that shares the teacher's tokenizer, processor and vocabulary (V_l), with the tiny student's
     text dimensions (d=96, 2 layers) and a vision tower of the tiny student's size. Different class and tokenizer
     from the cross-tokenizer student: that is the point of the row."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from minigenrecal.models.tiny import _finish, student_config, student_processor, teacher_config, teacher_processor
     proc = teacher_processor()
     t_cfg = teacher_config(proc.tokenizer)
     s_text = student_config(student_processor().tokenizer).text_config

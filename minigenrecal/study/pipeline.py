@@ -1,9 +1,11 @@
 """The whole GenRecal pipeline on a pair: load, render, stages 1-3, evaluate."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -11,9 +13,12 @@ from minigenrecal.data.pairs import as_samples, encode_pairs, write_skip_report
 from minigenrecal.data.synthetic import Sample, make_split
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
+from minigenrecal.models.hub import load_hub_vlm
 from minigenrecal.models.presets import Preset
+from minigenrecal.models.tiny import TEACHER_DIR, build_student, load_teacher
 from minigenrecal.models.vlm import VLMView
-from minigenrecal.scale.checkpoint import Checkpointer
+from minigenrecal.scale.checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
+from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.scale.model_card import write_model_card
 from minigenrecal.scale.tracking import Tracking
 from minigenrecal.stages import StageConfig
@@ -22,8 +27,6 @@ from minigenrecal.stages import StageConfig
 def load_pair(preset: Preset, student_seed: int = 0) -> tuple[VLMView, VLMView]:
     """(teacher view, student view). A 'tiny' side is offline; a hub id or local directory loads through hub.py
     (each side on its own, so `--teacher` / `--student` can replace either)."""
-    from minigenrecal.models.hub import load_hub_vlm
-    from minigenrecal.models.tiny import build_student, load_teacher
     if preset.teacher == "tiny":
         t_model, t_proc = load_teacher()
     else:
@@ -75,9 +78,6 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     stage's end); `resume` (a run's OUT or its checkpoints/) continues from the latest complete one.
     `tracking` (report_to, run_name, logging_steps) sends each stage's loss terms and the accuracy after it to
     accelerate's trackers (scale/tracking.py); `seed` is the Recalibrator's init seed."""
-    from pathlib import Path
-    from minigenrecal.scale.checkpoint import resolve_root, with_saved_tokenizer
-    from minigenrecal.scale.manifest import run_manifest, write_manifest
     t_start = time.time()
     manifest = run_manifest({"preset": asdict(preset), "data_seed": data_seed, "n_test": n_test,
                              "checkpoint_every": checkpoint_every, "resume": resume}, seed=seed)
@@ -123,8 +123,6 @@ def demo(preset: Preset, out: str, data_seed: int = 0, n_test: int = 500, progre
     res["manifest"] = manifest
     res.update(preset=preset.name, data_seed=data_seed, n_test=n_test, threads=torch.get_num_threads())
     if preset.teacher == "tiny":  # which shipped teacher produced these numbers
-        import hashlib
-        from minigenrecal.models.tiny import TEACHER_DIR
         res["teacher_file_sha256"] = hashlib.sha256((TEACHER_DIR / "model.safetensors").read_bytes()).hexdigest()
     (Path(out) / "summary.json").write_text(json.dumps(res, indent=1) + "\n")  # everything but the histories
     res["histories"] = run["histories"]

@@ -24,14 +24,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
 from minigenrecal.data.synthetic import make_split
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
+from minigenrecal.models import tiny
 from minigenrecal.models.presets import get_preset
+from minigenrecal.models.tiny import build_student
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.scale.cache import TeacherCache, build_cache
+from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.stages import StageConfig
 from minigenrecal.study.baselines import build_same_tokenizer_student, train_baseline
 
@@ -116,7 +118,6 @@ class Context:
 
 
 def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log=print) -> Context:
-    from minigenrecal.models import tiny
     try:
         model, proc = tiny.load_teacher(teacher_dir or tiny.TEACHER_DIR)
         kind = "trained (shipped tiny teacher)"
@@ -147,7 +148,6 @@ def evaluate_row(view: VLMView, ctx: Context) -> dict:
 def run_genrecal_variant(ctx: Context, plan: Plan, seed: int, n: int, depth: int = 2, answer_input: str = "features",
                          reg: bool = True, w_ce: float = 1.0, callback=None) -> VLMView:
     """Stages 1-3 on the first `n` training samples, reading the teacher from the cache; returns the student."""
-    from minigenrecal.models.tiny import build_student
     student = VLMView(*build_student(seed), name="student")
     data = PairData(ctx.s_encs[:n], ctx.t_encs[:n])
     plan_ = {stage: replace(plan.stages[stage], seed=seed, **({"reg": reg, "w_ce": w_ce} if stage in (1, 2) else {}))
@@ -159,7 +159,6 @@ def run_genrecal_variant(ctx: Context, plan: Plan, seed: int, n: int, depth: int
 
 
 def run_student_baseline(ctx: Context, plan: Plan, method: str, seed: int, n: int) -> VLMView:
-    from minigenrecal.models.tiny import build_student
     cfg = replace(plan.baseline, seed=seed)
     if method == "sft":
         student = VLMView(*build_student(seed), name="student")
@@ -186,7 +185,6 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
     rows: list[dict] = []
     result = {"rows": rows, "budgets": plan.budgets(), "runtime_seconds": 0.0, "quick": plan.quick, "complete": False,
               "max_new_tokens": inspect.signature(VLMView.generate).parameters["max_new_tokens"].default}
-    from minigenrecal.scale.manifest import run_manifest, write_manifest
     result["manifest"] = write_manifest(out, run_manifest({"quick": quick, "teacher_dir": teacher_dir, **plan_kw,
                                                            "budgets": plan.budgets()}, seeds))
 
@@ -212,7 +210,6 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
         for seed in plan.seeds:
             n = plan.n_train
             t0 = time.time()
-            from minigenrecal.models.tiny import build_student
             add("student_untrained", seed, 0, evaluate_row(VLMView(*build_student(seed), name="s"), ctx), time.time() - t0)
             for method in ("sft", "same_tokenizer_kd", "uld", "linear_projector"):
                 t0 = time.time()
@@ -318,9 +315,9 @@ def _fmt(xs, scale=1.0, digits=1):
 
 def write_plots(result: dict, out: Path) -> list[str]:
     os.environ.setdefault("MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / "minigenrecal-mpl"))
-    import matplotlib
+    import matplotlib  # heavy: only the plots need it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     rows, n = result["rows"], result["budgets"]["n_train"]
     names = [m for m in MAIN_ROWS if _values(rows, m, None)]
     stats = [mean_std(_values(rows, m, n if m not in ("teacher", "student_untrained") else None)) for m in names]

@@ -1,13 +1,26 @@
 """Training the shipped tiny teacher (`make-teacher`) and what a rebuild must match."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from minigenrecal.data.synthetic import make_split
+from minigenrecal.evaluation.exact_match import exact_match
+from minigenrecal.evaluation.metrics import posterior_metrics, prior_dists, true_posterior
+from minigenrecal.loop import PairData, train_stage
 from minigenrecal.models.tiny import ROOT, TEACHER_DIR, build_teacher
+from minigenrecal.models.vlm import VLMView
 from minigenrecal.scale.manifest import git_state, versions
+from minigenrecal.stages import StageConfig
 
 
 def build_record(threads: int) -> dict:
@@ -20,8 +33,6 @@ def build_record(threads: int) -> dict:
 
 def weights_digest(model) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes) in state-dict order: equal iff bit-identical."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -33,11 +44,6 @@ def weights_digest(model) -> str:
 def posterior_report(view, train: list, n_test: int = 500, data_seed: int = 0) -> dict:
     """Task 'posterior': the model vs the prior (image-blind) and the Bayes-optimal predictor (the posterior itself)
     on `n_test` test items: `metrics.posterior_scores` plus greedy exact match against the most likely answer."""
-    from dataclasses import replace
-
-    from minigenrecal.data.synthetic import make_split
-    from minigenrecal.evaluation.exact_match import exact_match
-    from minigenrecal.evaluation.metrics import posterior_metrics, prior_dists, true_posterior
 
     test = make_split(data_seed, "test", n_test, task="posterior")
     mode = [replace(s, answer=max(s.posterior, key=s.posterior.get)) for s in test]
@@ -50,10 +56,7 @@ def posterior_report(view, train: list, n_test: int = 500, data_seed: int = 0) -
 
 def seed_everything(seed: int) -> None:
     """Seed every RNG a build touches (Python, NumPy, torch); the thread count is fixed by `fixed_threads`."""
-    import os
-    import random
 
-    import numpy as np
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     random.seed(seed)
@@ -83,14 +86,7 @@ def train_teacher(out: str | Path = TEACHER_DIR, steps: int = 3000, n_train: int
     package versions, git commit, and val/test exact match (data seed 0) are saved beside the weights.
     `task` is 'shapes' (the synthetic task) or 'posterior' (blended colours, labels sampled from a known posterior).
     """
-    import json
-    import time
 
-    from minigenrecal.data.synthetic import make_split
-    from minigenrecal.evaluation.exact_match import exact_match
-    from minigenrecal.loop import PairData, train_stage
-    from minigenrecal.stages import StageConfig
-    from minigenrecal.models.vlm import VLMView
 
     t0, cpu0 = time.time(), time.process_time()
     with fixed_threads(threads):

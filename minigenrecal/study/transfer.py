@@ -21,9 +21,12 @@ each GenRecal run at the end of stage 1 and of stage 2.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import random
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,13 +34,15 @@ import numpy as np
 import torch
 import transformers
 
-from minigenrecal.data.synthetic import Sample, is_closed, label_noise, make_split, normalize
+from minigenrecal.data.synthetic import Sample, is_closed, label_noise, make_split, normalize, sample_answer
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration, posterior_metrics
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
 from minigenrecal.losses import answer_rows
+from minigenrecal.models.tiny import load_teacher
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.recalibrator import Recalibrator
+from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
 from minigenrecal.study import stats
 from minigenrecal.study.baselines import train_baseline
@@ -126,7 +131,6 @@ def _mode(s: Sample) -> Sample:
 
 
 def build_context(plan: Plan, task: str = "shapes") -> Context:
-    from minigenrecal.models.tiny import load_teacher
     model, proc = load_teacher(TEACHER_DIR if task == "shapes" else POSTERIOR_TEACHER_DIR)
     teacher = VLMView(model.requires_grad_(False).eval(), proc, name="teacher")
     cross = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
@@ -260,8 +264,6 @@ def teacher_labelled(ctx: Context) -> list[Sample]:
 def oracle_labelled(ctx: Context) -> list[Sample]:
     """`oracle_draws` fresh labels per training sample, drawn from its true posterior: training on these approximates
     the expected CE under the posterior (the same student steps as every other row)."""
-    import random
-    from minigenrecal.data.synthetic import sample_answer
     out = []
     for s in ctx.labelled:
         rng = random.Random(f"oracle/{s.id}")
@@ -366,13 +368,10 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
     paths = [block_path(out, s, b) for s in plan.seeds for b in blocks(plan)]
     read_back = sum(p.exists() for p in paths)  # so the runtime says what it covers (a study from empty, or a top-up)
     if jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
             per_seed = list(ex.map(_worker, tasks))
     else:
         per_seed = [_worker(t) for t in tasks]
-    from minigenrecal.scale.manifest import run_manifest, write_manifest
     result = {"plan": asdict(plan), "rows": [r for rows in per_seed for r in rows],
               "runtime_seconds": round(time.time() - t0, 1), "jobs": jobs,
               "blocks": {"total": len(paths), "read_back": read_back},
@@ -584,9 +583,9 @@ def _pts(x: float) -> str:
 
 def write_plot(result: dict, out: Path) -> str:
     os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigenrecal-mpl"))
-    import matplotlib
+    import matplotlib  # heavy: only the plots need it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     plan = result["plan"]
     comps = {(c["a"], c["b"]): c for c in result["analysis"]["comparisons"]}
     series = [("logit KD - its SFT control (positive control)", "same_tokenizer_kd", "same_arch_sft", "tab:green"),
@@ -636,7 +635,7 @@ def plot_diagnosis(result: dict):
     regularization terms, 0 by construction, are named in the panel instead of drawn). Right: the Recalibrator
     path's token accuracy at the first answer token and at later ones, the student's question features kept or
     scrambled. One horizontal bar group per GenRecal run, so the run names stay readable."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     diagnosis = result["analysis"]["diagnosis"]
     runs = list(diagnosis)
     stages = [s for s in ("after_stage1", "after_stage2") if any(s in d for d in diagnosis.values())]

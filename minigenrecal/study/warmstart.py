@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from minigenrecal.data.synthetic import make_caption_pool
 from minigenrecal.evaluation.exact_match import exact_match
@@ -20,6 +21,7 @@ from minigenrecal.loop import PairData, train_stage
 from minigenrecal.models.tiny import ROOT, build_student
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.stages import StageConfig
+from minigenrecal.study.baselines import build_same_tokenizer_student
 from minigenrecal.study.teacher import build_record, weights_digest
 
 KINDS = ("cross_tokenizer", "same_tokenizer")
@@ -30,7 +32,6 @@ def _build(kind: str, seed: int):
     if kind == "cross_tokenizer":
         return build_student(seed)
     if kind == "same_tokenizer":
-        from minigenrecal.study.baselines import build_same_tokenizer_student
         return build_same_tokenizer_student(seed)
     raise ValueError(f"unknown warm-start kind {kind!r}; choose from {KINDS}")
 
@@ -66,7 +67,6 @@ def train_warm_start(kind: str, out: str | Path | None = None, n: int = 12000, s
 
 def load_warm_start(kind: str, path: str | Path | None = None):
     """(model, processor) of a shipped warm start; a fresh copy on every call."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     path = Path(path or WARM_DIR / kind)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no warm start at {path}; build it with `python -m minigenrecal make-warm-start`")

@@ -26,9 +26,12 @@ from unittest import mock
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import LlamaConfig
 
 from minigenrecal import losses, recalibrator, stages
 from minigenrecal.evaluation import metrics
+from minigenrecal.models.families import build_tiny_vlm
+from minigenrecal.models.tiny import build_student
 
 SOLUTIONS_ENV = "MINIGENRECAL_SOLUTIONS"
 RESULTS_ENV = "MINIGENRECAL_GRADE_FILE"
@@ -470,7 +473,6 @@ def check_head_ce(fn, strict: bool = False) -> Result:
 # == 04 · the regularization path's input =========================================================================
 @lru_cache(maxsize=None)
 def _student_text_config(d_s: int = 8):
-    from transformers import LlamaConfig
     return LlamaConfig(hidden_size=d_s, intermediate_size=2 * d_s, num_attention_heads=2, num_key_value_heads=1)
 
 
@@ -579,8 +581,6 @@ def _quiet_fds():
 @lru_cache(maxsize=None)
 def _trainable_modules(family: str):
     """(student, Recalibrator, teacher): tiny random-init models, built once."""
-    from minigenrecal.models.tiny import build_student
-    from minigenrecal.models.families import build_tiny_vlm
     with _quiet_fds():
         student = build_student(0)[0] if family == "idefics3" else build_tiny_vlm(family, d=32, layers=1)[0]
         teacher = build_tiny_vlm("llava", d=32, layers=1)[0]

@@ -111,7 +111,7 @@ def grade_notebook(path: str | Path, timeout: int = 600, smoke: bool = False,
     """Execute a filled-in notebook top to bottom (errors do not stop it) and return one Result per exercise.
 
     `exercises_only` runs the title and the coding exercises only (`only_exercises`): seconds, not minutes."""
-    from nbclient import NotebookClient
+    from nbclient import NotebookClient  # optional: only grading runs notebooks
     path = Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
     names = exercise_names(nb)

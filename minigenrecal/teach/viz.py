@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from minigenrecal.data.synthetic import normalize
 from minigenrecal.losses import answer_rows
+from minigenrecal.models.tiny import TEACHER_DIR, build_teacher, load_teacher
+from minigenrecal.stages import teacher_forward
 from minigenrecal.study.tables import md_table
 
 SMOKE_ENV = "MINIGENRECAL_SMOKE"
@@ -43,7 +46,6 @@ def tiny_teacher(log=print):
     """(model, processor, trained): the shipped trained tiny teacher, or a random-init one of the same shape
     (with a printed notice) when data_samples/tiny_teacher has not been built. `trained` says which one you got.
     Loads without a progress bar."""
-    from minigenrecal.models.tiny import TEACHER_DIR, build_teacher, load_teacher
     transformers.utils.logging.disable_progress_bar()
     if (TEACHER_DIR / "config.json").exists():
         model, proc = load_teacher()
@@ -104,8 +106,8 @@ def boundary_rows(Lq: int, La: int, q_label: str = "z_q") -> list[dict]:
 def plot_boundary(Lq_s: int, Lq_l: int, La: int, show_q: int = 3, ax=None):
     """Three rows: the teacher's own sequence, the main path [z_qs, P(z_al)] and the regularization path
     [P(z_ql), P(z_al)]; arrows point from each predicting position to the teacher answer token it predicts."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch, Rectangle
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
+    from matplotlib.patches import FancyArrowPatch, Rectangle  # heavy: only the plots need it
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 5.2))
     rows = [("teacher's own sequence", Lq_l, La, "q_l", "a", True),
@@ -152,7 +154,6 @@ def path_features(recal, z_q: list[torch.Tensor], t) -> torch.Tensor:
 def recal_paths(recal, student, teacher, samples) -> dict[str, torch.Tensor]:
     """Pooled answer-row features of the student path, the teacher (regularization) path and the teacher
     itself, for a few samples: each (B, d_l)."""
-    from minigenrecal.stages import teacher_forward
     s_batch = student.collate([student.encode(s) for s in samples])
     t_batch = teacher.collate([teacher.encode(s) for s in samples])
     t = teacher_forward(teacher, t_batch)
@@ -181,7 +182,7 @@ def path_cosine(paths: dict, a: str = "student_path", b: str = "teacher_path", c
 def plot_cosine(mats: dict, vmin: float = -1.0, vmax: float = 1.0, xlabel: str = "teacher-path sample",
                 ylabel: str = "student-path sample"):
     """Side-by-side heatmaps of cosine matrices {title: (n, n) tensor}; the diagonal is the same QA pair."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8), squeeze=False)
     for ax, (title, m) in zip(axes[0], mats.items()):
         im = ax.imshow(m.numpy(), vmin=vmin, vmax=vmax, cmap="viridis")
@@ -222,8 +223,8 @@ def plot_history(history, keys=None, window: int = 5, ax=None, title: str = "", 
     `logy` (default: when the terms span more than a factor 10) puts terms of different sizes on one readable axis.
     `loss` is left out when it equals a single term (stage 3: loss = ce_student).
     `color` overrides the term colours (to tell two runs of the same term apart on one axis)."""
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
+    from matplotlib import ticker  # heavy: only the plots need it
     segments = [history[st] for st in sorted(history)] if isinstance(history, dict) else [history]
     history = [h for seg in segments for h in seg]
     keys = list(keys or [k for k in TERMS if any(k in h for h in history)])
@@ -261,7 +262,7 @@ def plot_history(history, keys=None, window: int = 5, ax=None, title: str = "", 
 def plot_stages(histories: dict, window: int = 5, width: float = 9.6):
     """One panel per stage of a run's {stage: history}, every term in its own `TERM_STYLE` colour in all panels,
     log loss axes, one legend for the figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     fig, axes = plt.subplots(1, len(histories), figsize=(width, 3.4), layout="constrained", squeeze=False)
     seen = {}
     for ax, (st, hist) in zip(axes[0], sorted(histories.items())):
@@ -280,9 +281,8 @@ def plot_stages(histories: dict, window: int = 5, width: float = 9.6):
 def show_samples(samples, predictions=None, ncols: int = 4, title: str = "", width: float = 9.6):
     """A grid of images with question, gold answer and (optionally) the prediction, green when exact. `width` in
     inches (9.6 fills a notebook's output area at 100 dpi); titles wrap and the layout leaves room for them."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
 
-    from minigenrecal.data.synthetic import normalize
     n = len(samples)
     nrows = math.ceil(n / ncols)
     side = width / ncols
@@ -349,7 +349,6 @@ PAPER = {
 def recal_token_accuracy(recal, student, teacher, samples, batch_size: int = 32) -> dict:
     """Teacher-head argmax accuracy of the main path's recalibrated features against the teacher's answer
     tokens: over all answer tokens, and over a_0 alone (the one token predicted from the student's question only)."""
-    from minigenrecal.stages import teacher_forward
     hits = first = n = n_first = 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
@@ -370,7 +369,7 @@ def plot_token_values(series: dict, spans: list[str], ylabel: str = "gradient no
                       logy: bool = False):
     """Bars per position for each {label: (T,) values}; the background shades question, image and answer spans.
     `logy` shows values that differ by orders of magnitude (bars of exactly 0 then do not appear)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
     if ax is None:
         _, ax = plt.subplots(figsize=(9.6, 3.4))
     for i, sp in enumerate(spans):
