@@ -19,7 +19,7 @@ sends the loss terms, LR and skipped steps to accelerate's trackers (scale/track
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
