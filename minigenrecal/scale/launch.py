@@ -142,7 +142,6 @@ def gather_lists(items: list, world: int) -> list:
 
 
 def run(a) -> dict:
-
     preset = get_preset(a.preset)
     backend = get_backend()
     if backend.name != "accelerate" and a.resume_from_checkpoint:
