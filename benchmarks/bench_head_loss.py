@@ -1,5 +1,6 @@
-"""Teacher-head CE + KL, forward + backward: naive (full (N, V_l) logits), today's chunked loss, the fused loss and
-Liger-Kernel's fused linear JSD, in one run, as ratios to naive.
+"""Teacher-head CE + KL, forward + backward: naive (full (N, V_l) logits), the fused chunked loss and Liger-Kernel's
+fused linear JSD, in one run, as ratios to naive. (The "chunked" rows in docs/scaling.md's older tables measured an
+earlier two-output chunked loss, 4 head matmuls per path, which the fused loss replaced.)
 
     python benchmarks/bench_head_loss.py                 # the CUDA size if a GPU is present, else the CPU size
     python benchmarks/bench_head_loss.py --size cpu      # the scaled-down CPU size (--cpu says the same)
@@ -10,7 +11,6 @@ Sizes: cuda V_l=152,064, d_l=8192, N=8192, bf16 head (chunks 512, 1024, 2048); c
 fp32 head; dry V_l=4096, d_l=128, N=512, fp32 head (chunks scaled by N/16).
 Variants (each on `--paths` sets of N rows against one teacher: 1, or 2 for the main and regularization paths):
   naive          `losses.head_losses` unchunked, once per path
-  chunked C      `chunked.chunked_head_losses`, once per path (4 head matmuls per path)
   fused C        `chunked.fused_head_loss` over all paths at once (the teacher's logits once, 3 matmuls per path)
   liger          Liger-Kernel's `LigerFusedLinearJSD(jsd_beta=0)`, forward KL only (no CE), the teacher head as both
                  weights, once per path; optional (an import of `liger_kernel`, and Triton on a GPU): skipped with
@@ -91,7 +91,7 @@ def one_pass(kind, head, hs, z_t, labels, chunk):
             W = head.weight  # Liger's matmuls take the rows in the head's dtype
             loss = sum(jsd(h.to(W.dtype), W, z_t.to(W.dtype), W) for h in hs)
         else:
-            loss = sum(sum(head_losses(h, z_t, labels, head, tau=1.0, chunk_size=chunk)) for h in hs)
+            loss = sum(sum(head_losses(h, z_t, labels, head, tau=1.0)) for h in hs)
     loss.backward()
     return loss.item()
 
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunks", default=None, help="comma-separated (default: N/16, N/8, N/4 of the size)")
     p.add_argument("--paths", type=int, default=1, help="Recalibrator paths on one teacher (a stage has 2)")
-    p.add_argument("--variants", default="chunked,fused,liger", help="besides naive: any of chunked, fused, liger")
+    p.add_argument("--variants", default="fused,liger", help="besides naive: any of fused, liger")
     p.add_argument("--json", default=None, help="write the rows here (rewritten after each variant)")
     a = p.parse_args(argv)
     name = "cpu" if a.cpu else a.size
@@ -200,7 +200,7 @@ def main(argv=None):
         raise SystemExit("--size cuda needs a GPU")
     chunks = [int(c) for c in a.chunks.split(",")] if a.chunks else [size["N"] // k for k in (16, 8, 4)]
     kinds = a.variants.split(",")
-    todo = [("naive", None)] + [(k, c) for k in ("chunked", "fused") if k in kinds for c in chunks]
+    todo = [("naive", None)] + [(k, c) for k in ("fused",) if k in kinds for c in chunks]
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.environ.get('OMP_NUM_THREADS', '1')} thread(s)"
     out = dict(size=name, **size, paths=a.paths, device=where, torch=torch.__version__, reps=a.reps,
                goal=f"time <= {GOAL_TIME}x naive, peak <= {GOAL_MEMORY_PCT}% of naive", rows=[], skipped={})

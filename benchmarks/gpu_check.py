@@ -14,7 +14,7 @@ Steps:
              whether Idefics3's PIL image processor builds, the GPU and its memory
   tests      tests/test_gpu.py: with pytest if it imports, else its CASES called directly (a skipped case says why);
              in the dry run the cases run directly on CPU (pytest would skip them all there)
-  head_loss  benchmarks/bench_head_loss.py: the teacher-head CE + KL, naive, chunked and fused at chunks 512/1024/2048
+  head_loss  benchmarks/bench_head_loss.py: the teacher-head CE + KL, naive and fused at chunks 512/1024/2048
              and Liger-Kernel's fused linear JSD where it imports, at V_l=152,064, d_l=8192, N=8192, bf16: time and
              peak extra memory as ratios to naive; goal <= 3% of the naive peak in <= 0.8x the naive time
   bench      `minigenrecal.scale.bench` stages 1 and 2 of smolvlm-256m<-qwen2-vl-2b at random weights: tokens/s, peak

@@ -2,7 +2,7 @@
 # The GPU check in one command, for an offline GPU machine whose Python already has torch, transformers and
 # accelerate (pytest and torchvision optional): nothing is installed, the package is imported from this checkout.
 #
-#   bash benchmarks/gpu_check.sh OUT              # CUDA tests, chunked-loss and stage-1/2 benchmarks, largest pair
+#   bash benchmarks/gpu_check.sh OUT              # CUDA tests, head-loss and stage-1/2 benchmarks, largest pair
 #   bash benchmarks/gpu_check.sh OUT --dry-run    # the same steps on CPU at reduced sizes
 #
 # Results: OUT/*.json (one file per step, and summary.json); the whole check ends within 7 minutes.

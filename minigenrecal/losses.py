@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigenrecal.chunked import chunked_head_losses, fused_head_loss
+from minigenrecal.chunked import fused_head_loss
 
 
 def answer_rows(x: torch.Tensor, q_lens, a_lens, shift: int = -1) -> torch.Tensor:
@@ -62,12 +62,10 @@ def kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * tau ** 2
 
 
-def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: nn.Linear, tau: float = 1.0,
-                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and
-    the teacher's own logits head(z_t). With `chunk_size`, (N x V_l) logits never exist at full size."""
-    if chunk_size is not None and chunk_size < h.shape[0]:
-        return chunked_head_losses(h, z_t, labels, head.weight, head.bias, tau, chunk_size)
+def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
+                tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and the teacher's
+    own logits head(z_t). Naive: (N, V_l) logits; `fused_paths` is the same loss in bounded memory."""
     # Both matmuls run in the frozen head's dtype, as in the chunked path: under FSDP2's or DeepSpeed's bf16 compute
     # the Recalibrator's rows arrive in bf16 while a replicated head may be held in the teacher's own dtype.
     w_dtype = head.weight.dtype
@@ -77,12 +75,12 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
     return F.cross_entropy(logits, labels), kl_from_logits(logits, t_logits, tau)
 
 
-def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear, tau: float,
-               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear,
+               tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One Recalibrator path: [z_q, ProjPre(teacher answer)] -> rows at Lq-1..Lq+La-2 -> (CE, KL)."""
     out = recal(z_q, t.z_a)  # (B, T, d_l) (all rows: Proj-post's weight gradient keeps its summation order)
     h = answer_rows(out, [len(q) for q in z_q], t.a_lens)  # (N, d_l)
-    return head_losses(h, t.z_pred, t.labels, head, tau, chunk_size)
+    return head_losses(h, t.z_pred, t.labels, head, tau)
 
 
 def fused_paths(recal, z_qs: list[list[torch.Tensor]], t: TeacherOut, head: nn.Linear, tau: float, w_ce: float,

@@ -61,7 +61,7 @@ def check_stage_step(stage: int, student_family: str = "idefics3", device: str =
 
 
 def check_chunked_equals_naive(dtype: torch.dtype, device: str = "cuda"):
-    """The chunked and the fused teacher-head losses equal the naive one (values and the gradient wrt h)."""
+    """The fused, chunked teacher-head loss equals the naive one (values and the gradient wrt h)."""
     from minigenrecal.chunked import fused_head_loss
     from minigenrecal.losses import head_losses
     g = torch.Generator().manual_seed(0)
@@ -73,12 +73,11 @@ def check_chunked_equals_naive(dtype: torch.dtype, device: str = "cuda"):
     labels = torch.randint(0, V, (N,), generator=g).to(device)
     h0 = torch.randn(N, d, generator=g).to(device)
     res = []
-    for chunk in (None, 64, 77):
-        h = h0.clone().requires_grad_(True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            ce, kl = head_losses(h, z_t, labels, head, 1.5, chunk)
-        (ce + 0.5 * kl).backward()
-        res.append((ce.detach(), kl.detach(), h.grad))
+    h = h0.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ce, kl = head_losses(h, z_t, labels, head, 1.5)
+    (ce + 0.5 * kl).backward()
+    res.append((ce.detach(), kl.detach(), h.grad))
     for chunk in (64, 77):  # the fused loss: the same weighted sum, its (CE, KL) kept as a record
         h = h0.clone().requires_grad_(True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

@@ -62,6 +62,9 @@ def add_transfer_command(sub) -> None:
     r.add_argument("--quick", action="store_true", help="two seeds, a few steps and items (a smoke test)")
     r.add_argument("--no-posterior", action="store_true", help="skip the posterior-task regime")
     r.add_argument("--no-bounds", action="store_true", help="skip sequence-level KD (SFT on the teacher's answers)")
+    r.add_argument("--no-same-student", action="store_true",
+                   help="skip the headline regime's rows on one student and one schedule (GenRecal on the "
+                        "same-tokenizer student, logit KD on GenRecal's schedule, SFT at the after-stage-2 steps)")
     r.add_argument("--steps", type=int, nargs=3, default=[100, 200, 200], metavar=("S1", "S2", "S3"),
                    help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
@@ -92,7 +95,7 @@ def add_transfer_command(sub) -> None:
         plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
                                                          eval_split=a.eval_split, variants=not a.no_variants,
                                                          posterior=not a.no_posterior, bounds=not a.no_bounds,
-                                                         steps=tuple(a.steps))
+                                                         same_student=not a.no_same_student, steps=tuple(a.steps))
         if a.probe_budget:
             probe_budget(plan, a.probe_budget, out)
             return

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from minigenrecal.chunked import chunked_head_losses
+from minigenrecal.chunked import fused_head_loss
 from minigenrecal.data.llava import read_llava_json
 from minigenrecal.data.pairs import encode_pairs, write_skip_report
 from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
@@ -265,16 +265,16 @@ class _Probe(Callback):
                 "chunked": self._chunked()}
 
     def _chunked(self) -> dict:
-        """The chunked CE/KL through the teacher's own (sharded) head and through the replicated copy."""
+        """The chunked (CE, KL) through the teacher's own (sharded) head and through the replicated copy."""
         lm = self.teacher.model.get_output_embeddings()
         g = torch.Generator().manual_seed(0)
         d, V = self.head.weight.shape[1], self.head.weight.shape[0]
         h, z = (torch.randn(10, d, generator=g).to(self.head.weight.device) for _ in range(2))
         y = torch.randint(0, V, (10,), generator=g).to(h.device)
-        out = {"h": h.cpu(), "z": z.cpu(), "y": y.cpu(),
-               "replicated": [x.item() for x in chunked_head_losses(h, z, y, self.head.weight, self.head.bias, 2.0, 3)]}
+        parts = lambda w, b: fused_head_loss([h], z, y, w, b, 2.0, 1.0, 1.0, 3)[1][0].tolist()  # noqa: E731
+        out = {"h": h.cpu(), "z": z.cpu(), "y": y.cpu(), "replicated": parts(self.head.weight, self.head.bias)}
         with gathered(lm.weight, lm.bias) as (w, b):
-            out["sharded"] = [x.item() for x in chunked_head_losses(h, z, y, w, b, 2.0, 3)]
+            out["sharded"] = parts(w, b)
         return out
 
     def write(self, stage: int, loss: float | None = None) -> None:

@@ -73,7 +73,24 @@ def device_info() -> dict:
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                 "cuda": torch.version.cuda}
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch picked: they change floats
+            "capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD kernels torch picked: they change floats
+            **cpu_model()}
+
+
+def cpu_model() -> dict:
+    """The processor's model name, family and model number (Linux), or {}: two CPUs with the same SIMD capability can
+    still round a matmul differently (the math libraries pick kernels per microarchitecture), which moves a few items
+    of a rerun; this is what a rerun that does not match should compare first."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    info = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    keys = {"model name": "cpu_model", "cpu family": "cpu_family", "model": "cpu_model_number"}
+    return {name: info[k] for k, name in keys.items() if k in info}
 
 
 def run_manifest(config: dict, seed) -> dict:

@@ -83,6 +83,7 @@ class Plan:
     variants: bool = True
     posterior: bool = True  # the posterior-task regime (needs data_samples/tiny_teacher_posterior)
     bounds: bool = True  # sequence-level KD (SFT on the teacher's answers)
+    same_student: bool = False  # the headline regime's comparison on ONE student and ONE schedule (`SAME_STUDENT`)
     oracle_draws: int = 16  # posterior draws per training sample for the oracle
     quick: bool = False
 
@@ -216,10 +217,17 @@ def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConf
 
 
 # -- one seed of one regime --------------------------------------------------------------------------------------------
-def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, after2=None) -> tuple[VLMView, dict]:
+def warm_student(kind: str) -> VLMView:
+    """A fresh copy of a warm start: 'cross_tokenizer' (renders as the cross student), or 'same_tokenizer' (renders
+    exactly as the teacher does, so its encodings are the teacher's)."""
+    return VLMView(*load_warm_start(kind), name="cross" if kind == "cross_tokenizer" else "teacher")
+
+
+def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, after2=None,
+                 student_kind: str = "cross_tokenizer") -> tuple[VLMView, dict]:
     """Stages 1-3 from the warm start, the live frozen teacher; the diagnosis after stages 1 and 2."""
     plan, teacher = ctx.plan, ctx.teacher
-    student = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
+    student = warm_student(student_kind)
     answer_input = knobs.get("answer_input", "features")
     stage_knobs = {k: v for k, v in knobs.items() if k in ("train_recal", "w_kl")}
     data = PairData(ctx.encode(student, noisy), ctx.encode(teacher, noisy))
@@ -241,11 +249,11 @@ def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, afte
 def run_student_only(ctx: Context, method: str, seed: int, noisy: list[Sample]) -> VLMView:
     cfg = ctx.plan.student_only(seed)
     if method in ("sft", "seq_kd", "oracle"):
-        student = VLMView(*load_warm_start("cross_tokenizer"), name="cross")
+        student = warm_student("cross_tokenizer")
         labels = noisy if method == "sft" else teacher_labelled(ctx) if method == "seq_kd" else oracle_labelled(ctx)
         train_stage(3, student, PairData(ctx.encode(student, labels)), cfg, progress=False)
         return student
-    student = VLMView(*load_warm_start("same_tokenizer"), name="teacher")  # renders exactly as the teacher does
+    student = warm_student("same_tokenizer")
     if method == "same_arch_sft":
         train_stage(3, student, PairData(ctx.encode(ctx.teacher, noisy)), cfg, progress=False)
     elif method == "same_tokenizer_kd":
@@ -276,6 +284,7 @@ def blocks(plan: Plan) -> list[str]:
     that is stopped keeps every finished block, and a rerun with a wider plan trains only what is missing."""
     head = f"noise{plan.headline_rho:g}"
     out = [head] + (["seq_kd"] if plan.bounds else []) + ([f"{head}_variants"] if plan.variants and plan.headline_rho in plan.rhos else [])
+    out += [f"{head}_same_student"] if plan.same_student and plan.headline_rho in plan.rhos else []
     out += [f"noise{rho:g}" for rho in plan.rhos if rho != plan.headline_rho]
     return out + (["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else [])
 
@@ -335,7 +344,9 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
                 add(regime, "genrecal_after_stage2", t0, mid["row"], diagnosis=diag["after_stage2"])
             add(regime, name, t0, evaluate(student, ctx, noisy), diagnosis=diag)
 
-    if block == "seq_kd":
+    if block.endswith("_same_student"):
+        same_student_rows(ctx, block.removesuffix("_same_student"), seed, add)
+    elif block == "seq_kd":
         regime_rows(None, ctx.train, ["seq_kd"], {})
     elif block == "posterior":
         regime_rows("posterior", ctx.labelled, ["sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle"],
@@ -348,6 +359,41 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
         else:
             regime_rows(regime, noisy, ["sft", "same_arch_sft", "same_tokenizer_kd"], {"genrecal": {}})
     return rows
+
+
+# -- one student and one schedule for the headline comparison ---------------------------------------------------------
+SAME_STUDENT = {  # the rows of the `_same_student` block: every one on the same-tokenizer student, from its warm start
+    "genrecal_same_student": "GenRecal stages 1-3, the teacher's head read through the Recalibrator",
+    "genrecal_same_student_after_stage2": "the same run, evaluated after stage 2 (200 student steps)",
+    "kd_genrecal_schedule": "logit KD on GenRecal's schedule: KD + CE for stage 2's steps, then CE for stage 3's",
+    "kd_genrecal_schedule_after_stage2": "the same run, evaluated after its KD half",
+    "same_arch_sft_stage2_steps": "SFT for stage 2's steps only (the after-stage-2 rows' student steps)",
+    "sft_stage2_steps": "the cross student's SFT for stage 2's steps only (GenRecal after stage 2's control)",
+}
+
+
+def same_student_rows(ctx: Context, regime: str, seed: int, add) -> None:
+    """The headline regime on ONE student (the same-tokenizer one, the positive control's) and ONE schedule, and SFT at
+    the after-stage-2 step count (docs/method.md, "One student, one schedule"). Data, labels, seeds, LR as every row."""
+    noisy, _ = label_noise(ctx.train, float(regime.removeprefix("noise")), seed)
+    plan, enc = ctx.plan, ctx.encode(ctx.teacher, noisy)
+    # a one-stage run is stage 3 to the loop (generator seed + 3): seed - 1 gives it stage 2's data order, as GenRecal's
+    stage2 = replace(plan.stage(2, seed), seed=seed - 1)
+    t0, mid = time.time(), {}
+    student, diag = run_genrecal(ctx, seed, noisy, {}, lambda s: mid.setdefault("row", evaluate(s, ctx, noisy)),
+                                 student_kind="same_tokenizer")
+    add(regime, "genrecal_same_student_after_stage2", t0, mid["row"], diagnosis=diag["after_stage2"])
+    add(regime, "genrecal_same_student", t0, evaluate(student, ctx, noisy), diagnosis=diag)
+    t0 = time.time()
+    student = warm_student("same_tokenizer")
+    train_baseline("same_tokenizer_kd", student, PairData(enc, enc), stage2, ctx.teacher)
+    add(regime, "kd_genrecal_schedule_after_stage2", t0, evaluate(student, ctx, noisy))
+    train_stage(3, student, PairData(enc), plan.stage(3, seed), progress=False)
+    add(regime, "kd_genrecal_schedule", t0, evaluate(student, ctx, noisy))
+    for method, kind in (("same_arch_sft_stage2_steps", "same_tokenizer"), ("sft_stage2_steps", "cross_tokenizer")):
+        t0, student = time.time(), warm_student(kind)
+        train_stage(3, student, PairData(ctx.encode(student, noisy)), stage2, progress=False)
+        add(regime, method, t0, evaluate(student, ctx, noisy))
 
 
 # -- all seeds, in parallel processes ----------------------------------------------------------------------------------
