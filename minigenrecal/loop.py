@@ -19,7 +19,6 @@ launch's probes), as minGPT's trainer callbacks do.
 """
 from __future__ import annotations
 
-import base64
 import os
 import time
 from dataclasses import dataclass, field
@@ -102,13 +101,14 @@ def make_loader(data, cfg: StageConfig, acc, g: torch.Generator, collate):
 
 class Batches:
     """Endless batches from a loader. Its position (the sampler generator's state when the current epoch began, and
-    the batches drawn since) is enough to rebuild the same iterator and continue from the same batch."""
+    the batches drawn since) is enough to rebuild the same iterator and continue from the same batch (a checkpoint
+    saves and restores it: `scale.checkpoint`)."""
 
     def __init__(self, loader, generator: torch.Generator):
         self.loader, self.g = loader, generator
-        self._start()
+        self.restart()
 
-    def _start(self):
+    def restart(self):
         self.epoch_state, self.drawn = self.g.get_state(), 0
         self.it = iter(self.loader)
 
@@ -116,20 +116,10 @@ class Batches:
         try:
             batch = next(self.it)
         except StopIteration:
-            self._start()
+            self.restart()
             batch = next(self.it)
         self.drawn += 1
         return batch
-
-    def state_dict(self) -> dict:
-        return {"generator": base64.b64encode(self.epoch_state.numpy().tobytes()).decode(), "drawn": self.drawn}
-
-    def load_state_dict(self, sd: dict) -> None:
-        state = torch.frombuffer(bytearray(base64.b64decode(sd["generator"])), dtype=torch.uint8)
-        self.g.set_state(state)
-        self._start()
-        for _ in range(sd["drawn"]):  # collate only: the teacher and the losses do not run for skipped batches
-            next(self)
 
 
 # -- the backend: how the module is prepared (one process or DDP here; FSDP2 and ZeRO-3 in scale.backends) --------

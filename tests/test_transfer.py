@@ -1,4 +1,5 @@
 """The transfer study: label noise, the caption pool, paired statistics, and one quick end-to-end run."""
+import dataclasses
 import json
 
 import pytest
@@ -68,7 +69,8 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     res = T.transfer(plan, tmp_path, jobs=1)
     got = {(r["regime"], r["method"], r["seed"]) for r in res["rows"]}
     noise = [("teacher_labels", "seq_kd")] + [("noise0.5", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd",
-                                                                        "genrecal", "genrecal_after_stage2", *T.VARIANTS)]
+                                                                        "genrecal", "genrecal_after_stage2", *T.VARIANTS,
+                                                                        *T.SAME_STUDENT)]
     post = [("posterior", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle", "genrecal",
                                        "genrecal_after_stage2")]
     assert got == {(r, m, s) for r, m in noise + post for s in (0, 1)}
@@ -81,10 +83,11 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
             assert d["grad_ce_reg"] == 0 and d["grad_kl_reg"] == 0  # the regularization path never reaches the student
             assert d["grad_kl_main"] > 0 and d["grad_ce_student"] > 0
             assert 0 < d["grad_distill_share"] <= 1
-    assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + 6
+    assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + len(T.SAME_STUDENT_COMPARISONS) + 6
     for c in res["analysis"]["comparisons"]:  # every comparison: a crossed interval, a kind, a yardstick, a verdict
         assert c["seeds"] == 2 and c["items"] == plan.n_test and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
-        assert c["kind"] in ("control", "transfer", "variant", "architecture") and c["verdict"]
+        assert c["kind"] in ("control", "control on GenRecal's schedule", "transfer", "variant", "architecture") \
+            and c["verdict"]
         assert c["yardstick"] is None or c["yardstick"] > 0
     assert {f.name for f in (tmp_path / "seeds").iterdir()} == {f"seed{s}_{b}.json" for s in (0, 1) for b in T.blocks(plan)}
     text = (tmp_path / "README.md").read_text()
@@ -123,6 +126,37 @@ def test_generation_budget_covers_every_answer_of_the_task():
     for model, proc in (load_warm_start("cross_tokenizer"), load_teacher()):
         view = VLMView(model, proc)
         assert max(len(view.answer_ids(s)) for s in samples) <= budget
+
+
+def test_one_student_fractions_are_the_ratio_of_the_paired_gains():
+    """The one-student fractions (GenRecal's gain over SFT, divided by logit KD's, both on the same-tokenizer student;
+    KD on either schedule) equal the ratio of the mean per-item differences, computed here by hand."""
+    import numpy as np
+    from minigenrecal.study import transfer as T
+    rng = np.random.default_rng(0)
+    n, seeds, r = 400, [0, 1, 2], "noise0.5"
+    p = {"sft": 0.30, "same_arch_sft": 0.40, "same_tokenizer_kd": 0.60, "genrecal": 0.31,
+         "genrecal_after_stage2": 0.28, "genrecal_same_student": 0.45, "kd_genrecal_schedule": 0.50,
+         "genrecal_same_student_after_stage2": 0.42, "kd_genrecal_schedule_after_stage2": 0.55,
+         "same_arch_sft_stage2_steps": 0.35, "sft_stage2_steps": 0.27}
+    rows = []
+    for s in seeds:
+        base = rng.random(n)  # a shared item difficulty, so the paired differences are correlated as in the study
+        for m, acc in p.items():
+            c = "".join("1" if b < acc + 0.1 * (rng.random() - 0.5) else "0" for b in base)
+            rows.append({"regime": r, "method": m, "seed": s, "correct": c, "accuracy": c.count("1") / n,
+                         "train_acc_own_labels": 0.0, "train_acc_clean_labels": 0.0, "jsd_teacher": 0.0})
+    plan = T.Plan(seeds=seeds, rhos=[0.5], variants=False, posterior=False, bounds=False, same_student=True)
+    an = T.analyse({"plan": dataclasses.asdict(plan), "rows": rows})
+    mean = lambda a, b: (T.matrix(rows, r, a, seeds) - T.matrix(rows, r, b, seeds)).mean()  # noqa: E731
+    got = {(f["a"], f["control"]): f for f in an["fractions"]}
+    for a, b, ca, cb in T.SAME_STUDENT_FRACTIONS:
+        f = got[(f"{r}|{a}", f"{r}|{ca} - {r}|{cb}")]
+        assert f["ratio"] == pytest.approx(mean(a, b) / mean(ca, cb), rel=1e-9)
+        assert f["design"].startswith("one student") and f["ci95"][0] < f["ratio"] < f["ci95"][1]
+    cross = [f for f in an["fractions"] if f["design"].startswith("cross")]
+    assert {f["a"] for f in cross} == {f"{r}|genrecal", f"{r}|genrecal_after_stage2"}  # the old two-student rows
+    assert {c["kind"] for c in an["comparisons"] if "kd_genrecal_schedule" in c["a"]} == {"control on GenRecal's schedule"}
 
 
 def test_committed_study_matches_its_reports():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minigenrecal.study.reproduce import reproduce, verdict_lines
+from minigenrecal.study.reproduce import difference_lines, reproduce
 from minigenrecal.study.reproduce import write_report as write_reproduce_report
 from minigenrecal.study.transfer import Plan, analyse, probe_budget, quick_plan, transfer, tune_lr, write_report
 from minigenrecal.study.warmstart import KINDS, train_warm_start
@@ -43,7 +43,7 @@ def add_reproduce_command(sub) -> None:
                         batch_size=a.batch_size, n_train=a.n_train, sizes=a.sizes, n_test=a.n_test,
                         eval_split=a.eval_split)
         print(f"wrote {a.out}/tiny.json and {a.out}/README.md in {res['runtime_seconds'] / 60:.1f} min")
-        for line in verdict_lines(res):
+        for line in difference_lines(res):
             print(line)
     r.set_defaults(fn=run)
 

@@ -14,6 +14,7 @@ complete checkpoint. Only the one-process / DDP backend checkpoints mid-stage (d
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from minigenrecal.loop import Callback, LoopState
+from minigenrecal.loop import Batches, Callback, LoopState
 from minigenrecal.models.vlm import VLMView
 
 FAULT_ENV = "MINIGENRECAL_FAULT"  # fault injection for the resume tests: "kill step S K" or "kill checkpoint N"
@@ -122,6 +123,20 @@ def with_saved_tokenizer(view, ckpt: "Checkpointer"):
     return VLMView(view.model, proc, view.max_length, name=view.name)
 
 
+
+def batches_state(b: Batches) -> dict:
+    """Where the loop is in its data: the sampler generator's state when the epoch began, and the batches drawn."""
+    return {"generator": base64.b64encode(b.epoch_state.numpy().tobytes()).decode(), "drawn": b.drawn}
+
+
+def restore_batches(b: Batches, sd: dict) -> None:
+    """Rebuild the same epoch's iterator and draw `drawn` batches (collate only: the teacher and the losses do not
+    run for skipped batches), so the next batch is the one the saved run would have drawn."""
+    b.g.set_state(torch.frombuffer(bytearray(base64.b64decode(sd["generator"])), dtype=torch.uint8))
+    b.restart()
+    for _ in range(sd["drawn"]):
+        next(b)
+
 class Checkpointer(Callback):
     """Where a run checkpoints (`root`), how often (`every` optimizer steps; 0: only at each stage's end), and
     what it resumes from (`resume=True`: the latest complete checkpoint under `root`, which must exist).
@@ -189,7 +204,7 @@ class Checkpointer(Callback):
             for n, p in acc.unwrap_model(e.module).named_parameters():
                 if n in grads:
                     p.grad = grads[n].to(p.device)
-        st.batches.load_state_dict(self.state["data"])
+        restore_batches(st.batches, self.state["data"])
         self._loaded = (stage, self.state["step"])
         st.history[:] = self.state["history"]
         self.histories[stage] = st.history
@@ -233,7 +248,7 @@ class Checkpointer(Callback):
         fault("checkpoint", self.writes)  # tests kill the process here: mid-write, before the rename
         if acc.is_main_process:
             st.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            state = {"stage": stage, "step": step, "skips_in_row": st.in_row, "data": st.batches.state_dict(),
+            state = {"stage": stage, "step": step, "skips_in_row": st.in_row, "data": batches_state(st.batches),
                      "config": asdict(st.cfg), "student_tokenizer": tokenizer_digest(st.tokenizer),
                      "threads": torch.get_num_threads(), "history": self.histories[stage],
                      "histories": {k: v for k, v in self.histories.items() if k < stage}, "extra": self.extra}

@@ -1,7 +1,7 @@
 """The scaled-down reproduction: GenRecal against SFT and three distillation baselines on the tiny pair, with the
 paper's ablations, over seeds. `python -m minigenrecal reproduce --seeds 0 1 2 --out results/` writes
 `results/tiny.json` (one row per method x seed x train size) and `results/README.md` (mean ± std beside the paper's
-figure, plots, one verdict line per paper claim).
+figure, plots, each paper claim as a difference of means: no verdicts, which its design cannot support).
 
 Protocol (every budget is also written into tiny.json["budgets"]):
 - One fixed data split (data seed 0): the same training samples for every method; seeds vary the student's init,
@@ -259,21 +259,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (math.nan, math.nan)
 
 
-def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
-    """Claim 'a > b' (per-seed accuracies): holds if mean(a) - mean(b) > pooled std, does not reproduce if
-    mean(b) - mean(a) > pooled std, inconclusive otherwise (and always with fewer than 2 seeds a side)."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    diff, pooled = ma - mb, math.sqrt((sa ** 2 + sb ** 2) / 2)
-    if min(len(a), len(b)) < 2:
-        return "inconclusive (one seed: no spread to compare against)", diff, pooled
-    if diff > pooled:
-        return "holds", diff, pooled
-    if -diff > pooled:
-        return "does not reproduce (reversed)", diff, pooled
-    return "inconclusive", diff, pooled
-
-
-CLAIMS = [  # (claim, [(better, worse), ...]): holds only if every pair holds
+CLAIMS = [  # (the paper's claim, [(a, b), ...]): each shown as a difference of means, with no verdict (`difference_lines`)
     ("regularization helps", [("genrecal", "genrecal_no_reg")]),
     ("KL-only (no CE through the teacher head) collapses", [("genrecal", "genrecal_kl_only")]),
     ("depth 1 < depth 2", [("genrecal", "genrecal_depth1")]),
@@ -282,29 +268,31 @@ CLAIMS = [  # (claim, [(better, worse), ...]): holds only if every pair holds
     ("GenRecal beats the cross-tokenizer baselines", [("genrecal", "uld"), ("genrecal", "linear_projector")]),
     ("GenRecal > SFT", [("genrecal", "sft")]),
 ]
+NO_VERDICTS = ("This table states no verdicts. Its design (3 seeds x 300 items, the first teacher, a 12-token "
+               "generation cut, clean labels where the teacher's targets are nearly one-hot) cannot resolve the gaps "
+               "at stake, so each claim is shown as a difference of means beside the pooled seed SD "
+               "sqrt((sd_a^2 + sd_b^2)/2), for reading only. Calibrated comparisons (crossed seed x item intervals, "
+               "yardsticks, MDEs) are in results/transfer/README.md, which reruns GenRecal against SFT where the "
+               "teacher knows more than the labels.")
 
 
-def verdict_lines(result: dict) -> list[str]:
+def difference_lines(result: dict) -> list[str]:
+    """Each paper claim as mean(a) - mean(b) over seeds, with the pooled seed SD: a description, not a test."""
     rows, n = result["rows"], result["budgets"]["n_train"]
-    by_seed = lambda m, key="accuracy": _values(rows, m, n, key)
-    lines = []
-    for claim, pairs in CLAIMS:
-        parts, vs = [], []
-        for better, worse in pairs:
-            v, diff, pooled = verdict(by_seed(better), by_seed(worse))
-            vs.append(v)
-            parts.append(f"{better} - {worse} = {100 * diff:+.1f} points (pooled std {100 * pooled:.1f})")
-        v = vs[0] if len(set(vs)) == 1 else ("does not reproduce" if any(x.startswith("does not") for x in vs)
-                                             else "inconclusive")
-        lines.append(f"VERDICT {claim}: {v}. " + "; ".join(parts))
-    for size in result["budgets"]["sweep_sizes"]:
-        v, diff, pooled = verdict(_values(rows, "genrecal", size), _values(rows, "sft", size))
-        lines.append(f"VERDICT GenRecal > SFT at n_train={size}: {v}. genrecal - sft = {100 * diff:+.1f} points "
-                     f"(pooled std {100 * pooled:.1f})")
-    for key, label in (("jsd", "JSD to the teacher"), ("ece", "ECE")):  # lower is better: swap the sides
-        v, diff, pooled = verdict(by_seed("sft", key), by_seed("genrecal", key))
-        lines.append(f"VERDICT GenRecal has a lower {label} than SFT: {v}. sft - genrecal = {diff:+.4f} "
-                     f"(pooled std {pooled:.4f})")
+
+    def diff(a: list[float], b: list[float]) -> str:
+        if not a or not b:
+            return "n/a (not in this run)"
+        (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+        return f"{100 * (ma - mb):+.1f} points (pooled seed SD {100 * math.sqrt((sa ** 2 + sb ** 2) / 2):.1f})"
+    lines = [f"{claim}: " + "; ".join(f"{a} - {b} = {diff(_values(rows, a, n), _values(rows, b, n))}" for a, b in pairs)
+             for claim, pairs in CLAIMS]
+    lines += [f"GenRecal > SFT at n_train={size}: genrecal - sft = "
+              f"{diff(_values(rows, 'genrecal', size), _values(rows, 'sft', size))}"
+              for size in result["budgets"]["sweep_sizes"]]
+    for key, label in (("jsd", "JSD x100 to the teacher"), ("ece", "ECE x100")):  # lower is better: sft - genrecal
+        lines.append(f"GenRecal has a lower {label} than SFT: sft - genrecal = "
+                     f"{diff(_values(rows, 'sft', n, key), _values(rows, 'genrecal', n, key)).replace(' points', '')}")
     return lines
 
 
@@ -394,9 +382,8 @@ def write_report(result: dict, out: Path) -> str:
     for size in b["sweep_sizes"]:
         L.append(f"| {size} | {_fmt(_values(rows, 'sft', size), 100)} | {_fmt(_values(rows, 'genrecal', size), 100)} |")
     L += ["", "![accuracy per method](accuracy.png)", "", "![data-scale sweep](data_scale.png)", "",
-          "## Verdicts", "", "A claim 'A > B' holds if mean(A) - mean(B) exceeds the pooled std sqrt((sd_A^2 + sd_B^2)/2) "
-          "of the per-seed accuracies, is reversed if mean(B) - mean(A) does, and is inconclusive otherwise.", ""]
-    L += [f"- {line}" for line in verdict_lines(result)]
+          "## The paper's claims, as differences (no verdicts)", "", NO_VERDICTS, ""]
+    L += [f"- {line}" for line in difference_lines(result)]
     st, bl = b["stage1"], b["baseline"]
     L += ["", "## Budgets", "",
           f"- Data: one fixed split (data seed {b['data_seed']}); main rows train on {n} samples; sweep sizes "

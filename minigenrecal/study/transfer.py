@@ -97,7 +97,7 @@ class Plan:
 
 def quick_plan(seeds: list[int]) -> Plan:
     return Plan(seeds=seeds[:2], rhos=[0.5], n_train=24, n_test=16, n_dist=8, n_train_eval=8, steps=(2, 3, 3),
-                batch_size=8, oracle_draws=2, quick=True)
+                batch_size=8, oracle_draws=2, quick=True, same_student=True)
 
 
 # -- seed-independent state --------------------------------------------------------------------------------------
@@ -524,7 +524,27 @@ def comparisons(plan: Plan, posterior: bool = False) -> list[tuple[str, str, str
         if plan.variants and rho == plan.headline_rho:
             out += [(r, v, r, "sft", f"variant {v} - SFT") for v in VARIANTS]
             out += [(r, v, r, "genrecal", f"variant {v} - GenRecal") for v in VARIANTS]
+        if plan.same_student and rho == plan.headline_rho:
+            out += [(r, a, r, b, what) for a, b, what in SAME_STUDENT_COMPARISONS]
     return out
+
+
+SAME_STUDENT_COMPARISONS = [  # (a, b, what): the `_same_student` block's comparisons, in the headline regime
+    ("genrecal_same_student", "same_arch_sft", "one student: GenRecal - SFT, both on the same-tokenizer student"),
+    ("kd_genrecal_schedule", "same_arch_sft", "one student: logit KD on GenRecal's schedule - SFT"),
+    ("genrecal_same_student", "kd_genrecal_schedule", "one student, one schedule: GenRecal - logit KD"),
+    ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps",
+     "one student, after stage 2: GenRecal - SFT at the same 200 student steps"),
+    ("kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps",
+     "one student, after the KD half: logit KD - SFT at the same 200 student steps"),
+    ("genrecal_after_stage2", "sft_stage2_steps", "cross student, after stage 2: GenRecal - SFT at the same 200 steps"),
+]
+SAME_STUDENT_FRACTIONS = [  # (a, b, control a, control b): GenRecal's gain over the control's, on one student
+    ("genrecal_same_student", "same_arch_sft", "same_tokenizer_kd", "same_arch_sft"),
+    ("genrecal_same_student", "same_arch_sft", "kd_genrecal_schedule", "same_arch_sft"),
+    ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps", "kd_genrecal_schedule_after_stage2",
+     "same_arch_sft_stage2_steps"),
+]
 
 
 def analyse(result: dict) -> dict:
@@ -557,12 +577,19 @@ def analyse(result: dict) -> dict:
     for c in comps:
         regime = c["b"].split("|")[0]
         ctl = [x for x in comps if x["kind"] == "control" and x["b"].startswith(f"{regime}|")]
-        if c["kind"] != "transfer" or "genrecal" not in c["a"] or not ctl or ctl[0]["ci95"][0] <= 0:
+        if c["kind"] != "transfer" or "genrecal" not in c["a"] or not c["b"].endswith("|sft") or not ctl \
+                or ctl[0]["ci95"][0] <= 0:
             continue
-        both = sorted(set(_seeds(rows, c["a"])) & set(_seeds(rows, c["b"])) & set(_seeds(rows, ctl[0]["a"])))
-        d = lambda x, y: matrix(rows, *x.split("|"), both) - matrix(rows, *y.split("|"), both)  # noqa: E731
-        f = stats.ratio_interval(d(c["a"], c["b"]), d(ctl[0]["a"], ctl[0]["b"]))
-        fracs.append({"a": c["a"], "b": c["b"], "control": f"{ctl[0]['a']} - {ctl[0]['b']}", **f})
+        fracs.append(fraction(rows, c["a"], c["b"], ctl[0]["a"], ctl[0]["b"], "cross student over the same-tokenizer "
+                                                                               "student's control"))
+    if plan.same_student:
+        r = f"noise{plan.headline_rho:g}"
+        done = {(c["a"], c["b"]): c for c in comps}
+        for a, b, ca, cb in SAME_STUDENT_FRACTIONS:
+            key = lambda x, y: (f"{r}|{x}", f"{r}|{y}")  # noqa: E731
+            if key(a, b) in done and key(ca, cb) in done and done[key(ca, cb)]["ci95"][0] > 0:
+                fracs.append(fraction(rows, *key(a, b), *key(ca, cb), "one student" + (
+                    ", one schedule" if ca.startswith("kd_genrecal_schedule") else ", KD at every step")))
     diag = {}
     for r in rows:
         if "diagnosis" in r and r["method"] != "genrecal_after_stage2":
@@ -571,6 +598,13 @@ def analyse(result: dict) -> dict:
                     diag.setdefault(f"{r['regime']}|{r['method']}", {}).setdefault(stage, {}).setdefault(k, []).append(v)
     diag = {m: {st: {k: float(np.mean(v)) for k, v in d.items()} for st, d in x.items()} for m, x in diag.items()}
     return {"summary": summary, "comparisons": comps, "fractions": fracs, "diagnosis": diag}
+
+
+def fraction(rows: list[dict], a: str, b: str, ca: str, cb: str, design: str) -> dict:
+    """(a - b) / (ca - cb) over the seeds all four runs have: the ratio and its Fieller interval (crossed model)."""
+    both = sorted(set(_seeds(rows, a)) & set(_seeds(rows, b)) & set(_seeds(rows, ca)) & set(_seeds(rows, cb)))
+    d = lambda x, y: matrix(rows, *x.split("|"), both) - matrix(rows, *y.split("|"), both)  # noqa: E731
+    return {"a": a, "b": b, "control": f"{ca} - {cb}", "design": design, **stats.ratio_interval(d(a, b), d(ca, cb))}
 
 
 def _seeds(rows: list[dict], key: str) -> list[int]:
@@ -582,6 +616,8 @@ def kind(a: str, b: str) -> str:
     """What a comparison is for, which sets its yardstick (`judge`)."""
     if (a, b) == ("same_tokenizer_kd", "same_arch_sft"):
         return "control"
+    if a.startswith("kd_genrecal_schedule"):
+        return "control on GenRecal's schedule"
     if (a, b) == ("same_arch_sft", "sft"):
         return "architecture"
     return "variant" if b == "genrecal" else "transfer"
@@ -779,12 +815,14 @@ def report_lines(result: dict) -> list[str]:
     if an.get("fractions"):
         end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
         rows = [[f"{run_label(f['a'])} - {run_label(f['b'])}", run_label(f["control"]),
+                 f.get("design", "cross student over the same-tokenizer student's control"),
                  f"{100 * f['ratio']:.0f}%", f"[{end(f['ci95'][0])}, {end(f['ci95'][1])}]"]
                 for f in an["fractions"]]
-        L += [""] + md_table(["fraction of the positive control's gain (a - b over the control)", "control",
+        L += [""] + md_table(["fraction of the positive control's gain (a - b over the control)", "control", "design",
                               "fraction", "95% interval (Fieller, crossed)"], rows)
-        L += ["", "The control runs on the same-tokenizer student and GenRecal on the cross-tokenizer one, so each "
-              "fraction compares two students."]
+        L += ["", "A fraction whose design says \"cross student\" compares two students (GenRecal on the cross-tokenizer "
+              "one, the control on the same-tokenizer one); \"one student\" rows run both on the same-tokenizer "
+              "student, and \"one schedule\" rows give logit KD GenRecal's schedule (KD in stage 2's steps only)."]
     pct = lambda k: k.startswith("recal_acc")  # accuracies in %, as in every other table
     rows = [[run_label(run), stage[-1], *(f"{100 * v[k]:.1f}" if pct(k) else f"{v[k]:.3g}" for k in DIAGNOSIS_KEYS)]
             for run, d in an["diagnosis"].items() for stage, v in d.items()]
