@@ -27,7 +27,8 @@ import torch
 from minigenrecal.data.synthetic import Sample, candidates, gold_index, is_closed
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.losses import answer_rows
-from minigenrecal.models.vlm import Encoded, VLMView
+from minigenrecal.models.render import Encoded
+from minigenrecal.models.vlm import VLMView
 
 __all__ = ["candidates", "is_closed", "answer_distributions", "jsd", "mean_jsd", "ece", "exact_match", "gold_index",
            "true_posterior", "posterior_scores", "posterior_metrics", "prior_dists"]
