@@ -78,6 +78,23 @@ def make_qa(cells: list[tuple[str, str] | None], rng: random.Random) -> tuple[st
     return f"What is the number of shapes plus {NUMBERS[k]}?", NUMBERS[len(present) + k]
 
 
+QUESTION_TYPES = ("caption", "cell", "count", "arithmetic")  # what `make_qa` asks, as `question_type` names it
+
+
+def question_type(question: str) -> str:
+    """The kind of a task question: 'caption' (describe the grid), 'cell' (what is in one cell), 'count' (how many
+    shapes of a colour, of a shape, or in total) or 'arithmetic' (the number of shapes plus k)."""
+    if question == "Describe the grid.":
+        return "caption"
+    if question.startswith("What is in the "):
+        return "cell"
+    if question.startswith("How many "):
+        return "count"
+    if question.startswith("What is the number of shapes plus "):
+        return "arithmetic"
+    raise ValueError(f"not a question of the synthetic tasks: {question!r}")
+
+
 def make_sample(seed: int, split: str, index: int) -> Sample:
     """Deterministic: the same (seed, split, index) always gives the same sample."""
     rng = random.Random(f"{seed}/{SPLIT_OFFSET[split]}/{index}")

@@ -26,6 +26,7 @@ import os
 import random
 import time
 import warnings
+from functools import lru_cache
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +35,16 @@ import numpy as np
 import torch
 import transformers
 
-from minigenrecal.data.synthetic import Sample, is_closed, label_noise, make_split, normalize, sample_answer
+from minigenrecal.data.synthetic import (
+    QUESTION_TYPES,
+    Sample,
+    is_closed,
+    label_noise,
+    make_split,
+    normalize,
+    question_type,
+    sample_answer,
+)
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration, posterior_metrics
 from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
@@ -597,7 +607,8 @@ def analyse(result: dict) -> dict:
                 for k, v in d.items():
                     diag.setdefault(f"{r['regime']}|{r['method']}", {}).setdefault(stage, {}).setdefault(k, []).append(v)
     diag = {m: {st: {k: float(np.mean(v)) for k, v in d.items()} for st, d in x.items()} for m, x in diag.items()}
-    return {"summary": summary, "comparisons": comps, "fractions": fracs, "diagnosis": diag}
+    return {"summary": summary, "comparisons": comps, "fractions": fracs, "diagnosis": diag,
+            "by_question_type": by_question_type(rows, plan)}
 
 
 def fraction(rows: list[dict], a: str, b: str, ca: str, cb: str, design: str) -> dict:
@@ -605,6 +616,45 @@ def fraction(rows: list[dict], a: str, b: str, ca: str, cb: str, design: str) ->
     both = sorted(set(_seeds(rows, a)) & set(_seeds(rows, b)) & set(_seeds(rows, ca)) & set(_seeds(rows, cb)))
     d = lambda x, y: matrix(rows, *x.split("|"), both) - matrix(rows, *y.split("|"), both)  # noqa: E731
     return {"a": a, "b": b, "control": f"{ca} - {cb}", "design": design, **stats.ratio_interval(d(a, b), d(ca, cb))}
+
+
+BY_TYPE = [  # (a, b): the comparisons broken down by question type (`by_question_type`), where both runs exist
+    ("same_tokenizer_kd", "same_arch_sft"), ("genrecal", "sft"), ("genrecal_after_stage2", "sft"),
+    ("genrecal_answer_embeddings", "genrecal"), ("genrecal_kl_x4", "genrecal"),
+    ("genrecal_same_student", "same_arch_sft"), ("kd_genrecal_schedule", "same_arch_sft"),
+    ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps"),
+    ("kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps"),
+]
+
+
+@lru_cache(maxsize=8)
+def item_question_types(task: str, split: str, n: int) -> tuple[str, ...]:
+    """The question type of each evaluation item, in the order of the rows' `correct` strings."""
+    return tuple(question_type(s.question) for s in make_split(DATA_SEED, split, n, task=task))
+
+
+def by_question_type(rows: list[dict], plan: Plan) -> list[dict]:
+    """Each `BY_TYPE` comparison in each regime, restricted to the items of one question type: crossed intervals."""
+    have = {}
+    for r in rows:
+        have.setdefault((r["regime"], r["method"]), set()).add(r["seed"])
+    out = []
+    for regime in sorted({r["regime"] for r in rows if r["regime"] != "teacher_labels"}):
+        task = "posterior" if regime == "posterior" else "shapes"
+        types = np.array(item_question_types(task, plan.eval_split, plan.n_test))
+        for a, b in BY_TYPE:
+            both = sorted(have.get((regime, a), set()) & have.get((regime, b), set()))
+            if len(both) < 2:
+                continue
+            d = (matrix(rows, regime, a, both), matrix(rows, regime, b, both))
+            for qt in QUESTION_TYPES:
+                cols = types == qt
+                if cols.sum() < 2:
+                    continue
+                c = stats.crossed_interval(d[0][:, cols], d[1][:, cols])
+                out.append({"a": f"{regime}|{a}", "b": f"{regime}|{b}", "type": qt,
+                            **{k: c[k] for k in ("diff", "ci95", "seeds", "items", "mde")}})
+    return out
 
 
 def _seeds(rows: list[dict], key: str) -> list[int]:
@@ -699,7 +749,45 @@ def write_plot(result: dict, out: Path) -> str:
     fig = plot_diagnosis(result)
     fig.savefig(out / "diagnosis.png", dpi=120)
     plt.close(fig)
+    fig = plot_by_type(result)
+    fig.savefig(out / "by_type.png", dpi=120)
+    plt.close(fig)
     return "transfer.png"
+
+
+BY_TYPE_SERIES = [  # (label, a, b, colour): what the by-question-type plot draws, where the rows exist
+    ("logit KD - its SFT (positive control)", "same_tokenizer_kd", "same_arch_sft", "tab:green"),
+    ("logit KD on GenRecal's schedule - SFT (one student)", "kd_genrecal_schedule", "same_arch_sft", "tab:olive"),
+    ("GenRecal - SFT (one student)", "genrecal_same_student", "same_arch_sft", "tab:purple"),
+    ("GenRecal - SFT (cross student)", "genrecal", "sft", "tab:orange"),
+    ("answer embeddings - GenRecal (cross)", "genrecal_answer_embeddings", "genrecal", "tab:gray"),
+    ("KL x4 - GenRecal (cross)", "genrecal_kl_x4", "genrecal", "tab:brown"),
+]
+
+
+def plot_by_type(result: dict, regime: str | None = None):
+    """The headline regime's gains by question type: one group of bars per type, 95% crossed intervals."""
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
+    regime = regime or f"noise{result['plan']['headline_rho']:g}"
+    got = {(c["a"], c["b"], c["type"]): c for c in result["analysis"].get("by_question_type", [])}
+    types = [t for t in QUESTION_TYPES if any(k[2] == t and k[0].startswith(f"{regime}|") for k in got)]
+    series = [x for x in BY_TYPE_SERIES if any((f"{regime}|{x[1]}", f"{regime}|{x[2]}", t) in got for t in types)]
+    fig, ax = plt.subplots(figsize=(9.6, 4.8), layout="constrained")
+    width = 0.8 / max(len(series), 1)
+    for k, (label, a, b, color) in enumerate(series):
+        cs = [(i, got[(f"{regime}|{a}", f"{regime}|{b}", t)]) for i, t in enumerate(types)
+              if (f"{regime}|{a}", f"{regime}|{b}", t) in got]
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i, _ in cs], [100 * c["diff"] for _, c in cs], width,
+               yerr=[[100 * (c["diff"] - c["ci95"][0]) for _, c in cs], [100 * (c["ci95"][1] - c["diff"]) for _, c in cs]],
+               capsize=2, color=color, label=label)
+    ax.axhline(0, color="0.3", lw=0.8)
+    n = {t: next(c["items"] for k, c in got.items() if k[2] == t and k[0].startswith(f"{regime}|")) for t in types}
+    ax.set_xticks(range(len(types)), [f"{t}\n({n[t]} items)" for t in types])
+    ax.set_ylabel("accuracy gain (points), 95% CI")
+    ax.set_title(f"{regime.replace('noise', 'label noise ')}: gains by question type")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize=9, loc="outside lower center", ncol=2, frameon=False)
+    return fig
 
 
 VARIANT_LABELS = {"genrecal": "GenRecal", "genrecal_recal_frozen": "GenRecal, Recalibrator frozen",
@@ -823,11 +911,27 @@ def report_lines(result: dict) -> list[str]:
         L += ["", "A fraction whose design says \"cross student\" compares two students (GenRecal on the cross-tokenizer "
               "one, the control on the same-tokenizer one); \"one student\" rows run both on the same-tokenizer "
               "student, and \"one schedule\" rows give logit KD GenRecal's schedule (KD in stage 2's steps only)."]
+    if an.get("by_question_type"):
+        L += [""] + by_type_lines(an["by_question_type"])
     pct = lambda k: k.startswith("recal_acc")  # accuracies in %, as in every other table
     rows = [[run_label(run), stage[-1], *(f"{100 * v[k]:.1f}" if pct(k) else f"{v[k]:.3g}" for k in DIAGNOSIS_KEYS)]
             for run, d in an["diagnosis"].items() for stage, v in d.items()]
     L += [""] + md_table(["run", "after stage", *(f"{k} (%)" if pct(k) else k for k in DIAGNOSIS_KEYS)], rows)
     return L
+
+
+def by_type_lines(by_type: list[dict]) -> list[str]:
+    """The by-question-type table: one row per comparison, a column per type: diff [95% interval] in points, and
+    the items of that type."""
+    cells, items = {}, {}
+    for c in by_type:
+        cells.setdefault((c["a"], c["b"]), {})[c["type"]] = f"{_pts(c['diff'])} [{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]"
+        items.setdefault(c["a"].split("|")[0], {})[c["type"]] = c["items"]
+    types = [t for t in QUESTION_TYPES if any(t in v for v in cells.values())]
+    rows = [[f"{run_label(a)} - {run_label(b)}", *(v.get(t, "") for t in types)] for (a, b), v in cells.items()]
+    n = "; ".join(f"{r}: " + ", ".join(f"{t} {k}" for t, k in v.items()) for r, v in items.items())
+    return md_table(["comparison (a - b), by question type (points)", *types], rows) + [
+        "", f"Items per question type (the same test items for every row of a regime): {n}."]
 
 
 def write_report(result: dict, out: Path) -> str:
@@ -848,7 +952,8 @@ def write_report(result: dict, out: Path) -> str:
           f"(`data_samples/warm_start`); steps per stage {tuple(plan['steps'])}, student-only rows "
           f"{plan['steps'][1] + plan['steps'][2]} steps; batch {plan['batch_size']}; LR {plan['lr']} -> "
           f"{plan['lr_end']}; {plan['n_train']} training samples; {plan['n_test']} {plan['eval_split']} items; "
-          f"seeds {plan['seeds']}.", "", f"![gains]({plot})", "", "![diagnosis](diagnosis.png)", ""]
+          f"seeds {plan['seeds']}.", "", f"![gains]({plot})", "", "![diagnosis](diagnosis.png)", "",
+          "![gains by question type](by_type.png)", ""]
     for name, d in (("shapes", TEACHER_DIR), ("posterior", POSTERIOR_TEACHER_DIR)):
         if (d / "training.json").exists():
             info = json.loads((d / "training.json").read_text())
