@@ -146,7 +146,7 @@ def test_one_student_fractions_are_the_ratio_of_the_paired_gains():
             c = "".join("1" if b < acc + 0.1 * (rng.random() - 0.5) else "0" for b in base)
             rows.append({"regime": r, "method": m, "seed": s, "correct": c, "accuracy": c.count("1") / n,
                          "train_acc_own_labels": 0.0, "train_acc_clean_labels": 0.0, "jsd_teacher": 0.0})
-    plan = T.Plan(seeds=seeds, rhos=[0.5], variants=False, posterior=False, bounds=False, same_student=True)
+    plan = T.Plan(seeds=seeds, rhos=[0.5], n_test=n, variants=False, posterior=False, bounds=False, same_student=True)
     an = T.analyse({"plan": dataclasses.asdict(plan), "rows": rows})
     mean = lambda a, b: (T.matrix(rows, r, a, seeds) - T.matrix(rows, r, b, seeds)).mean()  # noqa: E731
     got = {(f["a"], f["control"]): f for f in an["fractions"]}
@@ -157,6 +157,13 @@ def test_one_student_fractions_are_the_ratio_of_the_paired_gains():
     cross = [f for f in an["fractions"] if f["design"].startswith("cross")]
     assert {f["a"] for f in cross} == {f"{r}|genrecal", f"{r}|genrecal_after_stage2"}  # the old two-student rows
     assert {c["kind"] for c in an["comparisons"] if "kd_genrecal_schedule" in c["a"]} == {"control on GenRecal's schedule"}
+    # by question type: the items of each type, and the mean difference over exactly those columns
+    types = np.array(T.item_question_types("shapes", "test", n))
+    bt = {c["type"]: c for c in an["by_question_type"] if c["a"] == f"{r}|genrecal" and c["b"] == f"{r}|sft"}
+    assert sum(c["items"] for c in bt.values()) == n and set(bt) == set(types)
+    for qt, c in bt.items():
+        d = T.matrix(rows, r, "genrecal", seeds)[:, types == qt] - T.matrix(rows, r, "sft", seeds)[:, types == qt]
+        assert c["items"] == (types == qt).sum() and c["diff"] == pytest.approx(d.mean(), abs=1e-12)
 
 
 def test_committed_study_matches_its_reports():
