@@ -67,7 +67,8 @@ def test_sharded_launch(runs, shipped_teacher, kind, engine_type):
     # the chunked teacher-head losses through the sharded head equal the unsharded head's, and the replica's
     c, head = st[(0, 0)]["chunked"], shipped_teacher.get_output_embeddings()
     expect = [x.item() for x in head_losses(c["h"], c["z"], c["y"], head.requires_grad_(False), 2.0)]  # naive
-    assert c["sharded"] == pytest.approx(expect, rel=1e-6) and c["replicated"] == pytest.approx(expect, rel=1e-6)
+    assert c["sharded"] == pytest.approx(c["replicated"], rel=1e-6)  # the gathered head is the replica
+    assert c["replicated"] == pytest.approx(expect, rel=1e-5)  # fused vs naive: other summation order
     assert torch.equal(st[(0, 1)]["head"]["weight"], head.weight.detach())  # rank 1's replica is the whole head
     # one engine steps every stage; trainable parameters are fp32 master weights
     assert len({st[(s, k)]["engine"] for s in range(4) for k in (0,)}) == 1

@@ -56,17 +56,18 @@ def test_run_labels_carry_no_pipe():
 
 @pytest.mark.parametrize("folder", ["transfer", "transfer_long"])
 def test_the_study_reports_keep_their_columns(folder):
-    """Each of report_lines' tables (summary, comparisons, fractions of the control's gain when there are any,
-    diagnosis) and the README's two: the right width, and the values under their headings (a hand-read cell
+    """Each of report_lines' tables (summary, comparisons, fractions of the control's gain when there are any, gains
+    by question type, diagnosis) and the README's two: the right width, and the values under their headings (a hand-read cell
     of the comparisons and of the diagnosis table, the two tables that had shifted)."""
     res = json.loads((ROOT / "results" / folder / "transfer.json").read_text())
     lines = transfer.report_lines(res) + [""] + transfer.headline_lines(res) + [""] + transfer.mechanism_lines(res)
     tables = tables_in("\n".join(lines))
     fractions = bool(res["analysis"].get("fractions"))
-    assert len(tables) == 5 + fractions
+    by_type = bool(res["analysis"].get("by_question_type"))
+    assert len(tables) == 5 + fractions + by_type
     for t in tables:
         assert not bad_rows(t), bad_rows(t)
-    comp, diag = tables[1], tables[2 + fractions]
+    comp, diag = tables[1], tables[2 + fractions + by_type]
     head = [h.strip() for h in comp[0].strip("|").split("|")]
     c = res["analysis"]["comparisons"][0]
     first = [x.strip() for x in re.split(r"(?<!\\)\|", comp[2].strip().strip("|"))]
