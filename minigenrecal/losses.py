@@ -75,17 +75,22 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
     return F.cross_entropy(logits, labels), kl_from_logits(logits, t_logits, tau)
 
 
+def recal_rows(recal, z_q: list[torch.Tensor], t: TeacherOut) -> torch.Tensor:
+    """One Recalibrator path's answer-predicting rows: [z_q, ProjPre(teacher answer)] -> rows Lq-1..Lq+La-2: (N, d_l).
+    The teacher's answers start at its Lq_l (NPE off reads it)."""
+    out = recal(z_q, t.z_a, a_pos=t.q_lens.tolist())  # (B, T, d_l) (all rows: Proj-post's weight gradient keeps its
+    return answer_rows(out, [len(q) for q in z_q], t.a_lens)  # summation order)
+
+
 def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear,
                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Recalibrator path: [z_q, ProjPre(teacher answer)] -> rows at Lq-1..Lq+La-2 -> (CE, KL)."""
-    out = recal(z_q, t.z_a)  # (B, T, d_l) (all rows: Proj-post's weight gradient keeps its summation order)
-    h = answer_rows(out, [len(q) for q in z_q], t.a_lens)  # (N, d_l)
-    return head_losses(h, t.z_pred, t.labels, head, tau)
+    """One Recalibrator path: its rows (`recal_rows`) read by the teacher's head -> (CE, KL)."""
+    return head_losses(recal_rows(recal, z_q, t), t.z_pred, t.labels, head, tau)
 
 
 def fused_paths(recal, z_qs: list[list[torch.Tensor]], t: TeacherOut, head: nn.Linear, tau: float, w_ce: float,
                 w_kl: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every Recalibrator path (z_qs: main, then regularization) through one fused loss against the teacher's targets:
     (w_ce CE + w_kl KL summed over the paths, the (P, 2) record of each path's (CE, KL))."""
-    hs = [recal(z_q, t.z_a, predicting_only=True) for z_q in z_qs]  # (N, d_l) each
+    hs = [recal(z_q, t.z_a, predicting_only=True, a_pos=t.q_lens.tolist()) for z_q in z_qs]  # (N, d_l) each
     return fused_head_loss(hs, t.z_pred, t.labels, head.weight, head.bias, tau, w_ce, w_kl, chunk_size)

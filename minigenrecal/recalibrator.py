@@ -49,11 +49,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """1-D rotary embedding (rotate-half convention) at integer positions `pos` (T,)."""
+    """1-D rotary embedding (rotate-half convention) at integer positions `pos`: (T,), or (B, T) per sample."""
     hd = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = pos.float()[:, None] * inv[None]  # (T, hd/2)
+    ang = pos.float()[..., None] * inv  # (T, hd/2) or (B, T, hd/2)
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    if pos.dim() == 2:  # per-sample positions (B, T) (NPE off): broadcast over the heads of x (B, H, T, hd)
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -92,13 +94,16 @@ class Block(nn.Module):
 
 
 class Recalibrator(nn.Module):
-    """Proj-pre (d_l->d_s), `depth` student-shaped blocks with NPE, Proj-post (d_s->d_l), LayerNorm(d_l)."""
+    """Proj-pre (d_l->d_s), `depth` student-shaped blocks with NPE, Proj-post (d_s->d_l), LayerNorm(d_l).
 
-    def __init__(self, d_l: int, student_text_config, depth: int = 2):
+    `npe=False` is the paper's ablation, not the method: each part keeps its own model's position ids (the question
+    0..Lq-1, the teacher's answer features from the teacher's Lq_l on), so the positions jump at the seam."""
+
+    def __init__(self, d_l: int, student_text_config, depth: int = 2, npe: bool = True):
         super().__init__()
         dims = text_dims(student_text_config)
         d_s = dims["d"]
-        self.d_l, self.d_s = d_l, d_s
+        self.d_l, self.d_s, self.npe = d_l, d_s, npe
         self.proj_pre = nn.Linear(d_l, d_s)
         self.blocks = nn.ModuleList(Block(**dims) for _ in range(depth))
         self.proj_post = nn.Linear(d_s, d_l)
@@ -109,15 +114,26 @@ class Recalibrator(nn.Module):
         seqs = [torch.cat([q, self.proj_pre(a)]) for q, a in zip(z_q, z_a)]
         return nn.utils.rnn.pad_sequence(seqs, batch_first=True)
 
-    def forward(self, z_q: list[torch.Tensor], z_a: list[torch.Tensor], predicting_only: bool = False) -> torch.Tensor:
+    def forward(self, z_q: list[torch.Tensor], z_a: list[torch.Tensor], predicting_only: bool = False,
+                a_pos: list[int] | None = None) -> torch.Tensor:
         """z_q: question features per sample already at d_s; z_a: teacher answer features (d_l). -> (B, T, d_l);
-        predicting_only: only the rows that predict the answer, Lq-1 .. Lq+La-2 of each sample, flattened: (N, d_l)."""
-        x = self.concat(z_q, z_a)  # (B, T, d_s)
+        predicting_only: only the rows that predict the answer, Lq-1 .. Lq+La-2 of each sample, flattened: (N, d_l).
+        a_pos: the teacher's position of each sample's first answer feature (its Lq_l), read only with npe=False."""
+        return self.run(self.concat(z_q, z_a), [len(q) for q in z_q], [len(a) + 1 for a in z_a], predicting_only,
+                        a_pos)
+
+    def run(self, x: torch.Tensor, q_lens: list[int], a_lens: list[int], predicting_only: bool = False,
+            a_pos: list[int] | None = None) -> torch.Tensor:
+        """The blocks, Proj-post and the norm over concatenations x (B, T, d_s) of Lq + La - 1 real rows each."""
         pos = torch.arange(x.shape[1], device=x.device)  # NPE: 0..T-1 over the concatenation
+        if not self.npe:
+            if a_pos is None:
+                raise ValueError("a Recalibrator with npe=False needs a_pos, the teacher's first answer position")
+            pos = torch.stack([torch.cat([pos[:q], pos[: x.shape[1] - q] + p]) for q, p in zip(q_lens, a_pos)])
         for block in self.blocks:
             x = block(x, pos)
         if predicting_only:  # Proj-post and the norm on the N rows the losses read, not on all B x T
-            x = torch.cat([x[b, len(q) - 1: len(q) + len(a)] for b, (q, a) in enumerate(zip(z_q, z_a))])  # (N, d_s)
+            x = torch.cat([x[b, q - 1: q + a - 1] for b, (q, a) in enumerate(zip(q_lens, a_lens))])  # (N, d_s)
         return self.norm(self.proj_post(x))  # read by the teacher's frozen head
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minigenrecal.losses import TeacherOut, fused_paths, recal_path, split_teacher
+from minigenrecal.losses import TeacherOut, fused_paths, head_losses, recal_path, recal_rows, split_teacher
 from minigenrecal.recalibrator import Recalibrator
 
 
@@ -113,6 +113,11 @@ class GenRecal(nn.Module):
         # not a submodule: the frozen head stays replicated and outside what DDP/FSDP/DeepSpeed wrap or save
         object.__setattr__(self, "teacher_head", teacher_head)
 
+    def main_rows(self, z_qs: list[torch.Tensor], z_s: torch.Tensor, s_batch: dict, t: TeacherOut) -> torch.Tensor:
+        """The main path's answer-predicting rows (N, d_l), read by the teacher's head. A variant of the method
+        overrides this and nothing else (the unfused loss reads it; study/variants.py)."""
+        return recal_rows(self.recal, z_qs, t)
+
     def forward(self, stage: int, s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
         terms, fused = {}, None
         if stage in (1, 2):
@@ -120,7 +125,8 @@ class GenRecal(nn.Module):
                 z_s = self.student_view.body(s_batch)  # (B, T_s, d_s)
             z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]  # host lengths: no device read
             if cfg.chunk_size is None:  # unfused: each term its own tensor (the tiny pair's histories are pinned)
-                terms["ce_main"], terms["kl_main"] = recal_path(self.recal, z_qs, t, self.teacher_head, cfg.tau)
+                terms["ce_main"], terms["kl_main"] = head_losses(self.main_rows(z_qs, z_s, s_batch, t), t.z_pred,
+                                                                 t.labels, self.teacher_head, cfg.tau)
                 if cfg.reg:
                     z_ql = [self.recal.proj_pre(q) for q in t.z_q]  # (Lq_l, d_s) each
                     terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql, t, self.teacher_head, cfg.tau)

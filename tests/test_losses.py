@@ -16,7 +16,7 @@ class Spy(nn.Module):
         self.proj_pre = nn.Identity()
         self.seen = None
 
-    def forward(self, z_q, z_a):
+    def forward(self, z_q, z_a, a_pos=None):  # a_pos: read only with NPE off
         self.seen = [torch.cat([q, a]) for q, a in zip(z_q, z_a)]
         return nn.utils.rnn.pad_sequence(self.seen, batch_first=True)
 

@@ -208,3 +208,28 @@ def test_blocks_match_the_familys_own_decoder_layer(cfg):
             h = blk(h, torch.arange(7))
         expected = ref(inputs_embeds=x).last_hidden_state  # = final_norm(layers(x))
     torch.testing.assert_close(ref.norm(h), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_npe_off_keeps_each_parts_own_positions():
+    """NPE off (the paper's ablation): the question at 0..Lq-1, the teacher's answer features from its Lq_l on. With
+    Lq_l = Lq the positions are NPE's and the output is the same; with another Lq_l the question rows (which never
+    see the answer, causally) are unchanged and the answer rows equal a hand run at the jumped positions."""
+    recal = _recal_with_affine_norm()
+    off = Recalibrator(48, _small()[1], npe=False)
+    off.load_state_dict(recal.state_dict())
+    z_q, z_a = [torch.randn(3, 32), torch.randn(5, 32)], [torch.randn(4, 48), torch.randn(1, 48)]
+    with torch.no_grad():
+        same = off(z_q, z_a, a_pos=[3, 5])
+        torch.testing.assert_close(same, recal(z_q, z_a))
+        jumped = off(z_q, z_a, a_pos=[9, 2])
+        for b, (q, a, p) in enumerate(zip(z_q, z_a, [9, 2])):
+            x = torch.cat([q, recal.proj_pre(a)])[None]
+            pos = torch.cat([torch.arange(len(q)), torch.arange(len(a)) + p])
+            for blk in recal.blocks:
+                x = blk(x, pos)
+            ref = recal.norm(recal.proj_post(x))[0]
+            torch.testing.assert_close(jumped[b, : len(ref)], ref, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(jumped[b, : len(q)], same[b, : len(q)], rtol=1e-4, atol=1e-5)
+        assert (jumped[0, 3:7] - same[0, 3:7]).abs().max() > 1e-3, "the jump must change the answer rows"
+    with pytest.raises(ValueError, match="a_pos"):
+        off(z_q, z_a)

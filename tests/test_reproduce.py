@@ -65,3 +65,41 @@ def test_the_clean_label_table_states_differences_not_verdicts():
     assert "GenRecal > SFT: genrecal - sft = -5.0 points (pooled seed SD 0.7)" in lines
     assert "depth 1 < depth 2: genrecal - genrecal_depth1 = n/a (not in this run)" in lines
     assert not any(w in " ".join(lines) for w in ("holds", "reproduce", "inconclusive", "VERDICT"))
+
+
+def test_only_appends_new_baseline_rows_and_keeps_every_existing_row(tmp_path, monkeypatch):
+    """`reproduce --only`: new rows at the table's budgets, the existing rows byte for byte, no row twice."""
+    from minigenrecal.cli import main
+    monkeypatch.setattr(R, "check_same_teacher", lambda cal, result, path: None)  # its own test below
+    plan = R.make_plan([7], quick=True)
+    old = {"method": "uld", "seed": 7, "train_size": plan.n_train, "accuracy": 0.125, "jsd": 0.2, "ece": 0.3,
+           "candidate_accuracy": 0.5, "n_closed": 10, "seconds": 1.0, "student_steps": plan.baseline.steps,
+           "sweep": False}
+    table = {"rows": [old], "budgets": plan.budgets(), "runtime_seconds": 60.0, "quick": True, "complete": True,
+             "teacher": "trained (shipped tiny teacher)"}
+    (tmp_path / "tiny.json").write_text(json.dumps(table, indent=1) + "\n")
+    before = (tmp_path / "tiny.json").read_text()
+    main(["reproduce", "--quick", "--seeds", "7", "--out", str(tmp_path), "--only", "uld", "uld_text"])
+    res = json.loads((tmp_path / "tiny.json").read_text())
+    assert res["rows"][0] == old and [r["method"] for r in res["rows"]] == ["uld", "uld_text"]  # uld: already there
+    assert (tmp_path / "tiny.json").read_text().startswith(before[: before.index("\n ],")])  # the old row, as it was
+    assert res["added_rows"][0]["methods"] == ["uld", "uld_text"] and res["added_rows"][0]["max_new_tokens"] == 12
+    assert res["rows"][1]["student_steps"] == plan.baseline.steps and 0.0 <= res["rows"][1]["accuracy"] <= 1.0
+    text = (tmp_path / "README.md").read_text()
+    assert "| uld_text | 32 |" in text and "added later by `--only uld uld_text`" in text
+    with pytest.raises(ValueError, match=r"budgets differ from the table's in \['eval_split'\]"):
+        R.add_baseline_rows(["linear_projector_text"], [7], tmp_path, quick=True, eval_split="val")
+
+
+def test_budget_differences_compare_what_the_table_records():
+    table = {"seeds": [0], "baseline": {"steps": 600, "lr": 0.001}, "n_train": 1000}
+    ours = {"seeds": [0, 1], "baseline": {"steps": 600, "lr": 0.002, "max_grad_norm": 0.0}, "n_train": 1000}
+    assert R.budget_differences(ours, table) == ["baseline.lr"]  # seeds and fields newer than the table not compared
+
+
+def test_check_same_teacher_compares_with_the_tables_teacher_row(tmp_path):
+    result = {"rows": [{"method": "teacher", "ece": 0.034, "candidate_accuracy": 0.9}]}
+    R.check_same_teacher({"ece": 0.03405, "candidate_accuracy": 0.9}, result, tmp_path)  # within 1e-4
+    with pytest.raises(ValueError, match="its teacher row has ECE 0.0340, candidate accuracy 0.9000; this run's "
+                                         "teacher 0.0200, 0.9000: another teacher"):
+        R.check_same_teacher({"ece": 0.02, "candidate_accuracy": 0.9}, result, tmp_path)

@@ -71,6 +71,8 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     noise = [("teacher_labels", "seq_kd")] + [("noise0.5", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd",
                                                                         "genrecal", "genrecal_after_stage2", *T.VARIANTS,
                                                                         *T.SAME_STUDENT)]
+    traced = [*T.ABLATIONS, *T.TRANSFER_VARIANTS]  # the quick plan's ablations run at its one noise level, 0.5
+    noise += [("noise0.5", m) for m in ("warm_start", "sft_stage2_steps", *traced, *(f"{v}_after_stage2" for v in traced))]
     post = [("posterior", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle", "genrecal",
                                        "genrecal_after_stage2")]
     assert got == {(r, m, s) for r, m in noise + post for s in (0, 1)}
@@ -83,16 +85,27 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
         for d in ([r["diagnosis"]] if one_stage and "diagnosis" in r else [] if one_stage else r.get("diagnosis", {}).values()):
             assert d["grad_ce_reg"] == 0 and d["grad_kl_reg"] == 0  # the regularization path never reaches the student
             assert d["grad_kl_main"] > 0 and d["grad_ce_student"] > 0
-            assert 0 < d["grad_distill_share"] <= 1
-    assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + len(T.SAME_STUDENT_COMPARISONS) + 6
+            assert d["grad_distill_share"] > 0  # a ratio of norms: above 1 where distillation opposes the CE
+    for r in res["rows"]:  # every traced run: the diagnosis at stage 2's start, middle and end, and the run's end
+        if r["method"] in traced:
+            assert list(r["diagnosis"]) == ["after_stage1", "mid_stage2", "after_stage2", "after_stage3"]
+            assert {f"recal_acc_first_{t}" for t in ("caption", "cell", "count")} <= r["diagnosis"]["mid_stage2"].keys()
+    n_ablation = 2 * len(T.ABLATIONS) + 3  # after stages 2 and 3 each; the stage-wise ordering
+    n_variants = 3 * len(T.TRANSFER_VARIANTS) - 1  # 400 and 200 steps against SFT; against the method (not itself)
+    assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + len(T.SAME_STUDENT_COMPARISONS) + 6 \
+        + n_ablation + n_variants
     for c in res["analysis"]["comparisons"]:  # every comparison: a crossed interval, a kind, a yardstick, a verdict
         assert c["seeds"] == 2 and c["items"] == plan.n_test and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
-        assert c["kind"] in ("control", "control on GenRecal's schedule", "transfer", "variant", "architecture") \
+        assert c["kind"] in ("control", "control on GenRecal's schedule", "transfer", "variant", "architecture",
+                             "stage-wise") \
             and c["verdict"]
         assert c["yardstick"] is None or c["yardstick"] > 0
     assert {f.name for f in (tmp_path / "seeds").iterdir()} == {f"seed{s}_{b}.json" for s in (0, 1) for b in T.blocks(plan)}
     text = (tmp_path / "README.md").read_text()
     assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
+    for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res)):  # each section, whole, in order
+        assert lines and "\n".join(lines) in text
+    assert (tmp_path / "trace.png").exists()
     saved = json.loads((tmp_path / "transfer.json").read_text())
     assert saved["analysis"] == json.loads(json.dumps(res["analysis"]))
     from minigenrecal.scale.manifest import FIELDS
@@ -103,6 +116,8 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     again = T.transfer(plan, tmp_path, jobs=1)  # every seed file exists: read back, nothing retrained
     assert again["rows"] == res["rows"] and again["runtime_seconds"] < 5
     assert again["blocks"] == {"total": n_blocks, "read_back": n_blocks}
+    assert len(again["invocations"]) == 1  # reading back trains nothing: no second invocation is recorded
+    assert again["invocations"][0]["trained"] == sorted(T.blocks(plan))
     assert f"training 0 of its {n_blocks} seed-blocks;" in (tmp_path / "README.md").read_text()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minigenrecal.study.reproduce import difference_lines, reproduce
+from minigenrecal.study.reproduce import STUDENT_BASELINES, difference_lines, reproduce
 from minigenrecal.study.reproduce import write_report as write_reproduce_report
 from minigenrecal.study.transfer import Plan, analyse, probe_budget, quick_plan, transfer, tune_lr, write_report
 from minigenrecal.study.warmstart import KINDS, train_warm_start
@@ -31,6 +31,10 @@ def add_reproduce_command(sub) -> None:
 
     r.add_argument("--report-only", action="store_true",
                    help="re-render OUT/README.md and the plots from an existing OUT/tiny.json (no training)")
+    r.add_argument("--only", nargs="+", default=None, metavar="METHOD", choices=STUDENT_BASELINES,
+                   help="train only these student baselines and append their rows to OUT/tiny.json at its budgets "
+                        "and generation cut (every existing row kept as it is; a method and seed already there is "
+                        "skipped), then re-render the report")
 
     def run(a):
         if a.report_only:
@@ -41,8 +45,9 @@ def add_reproduce_command(sub) -> None:
         torch.set_num_threads(a.threads)
         res = reproduce(a.seeds, a.out, quick=a.quick, teacher_dir=a.teacher_dir, steps_scale=a.steps_scale,
                         batch_size=a.batch_size, n_train=a.n_train, sizes=a.sizes, n_test=a.n_test,
-                        eval_split=a.eval_split)
-        print(f"wrote {a.out}/tiny.json and {a.out}/README.md in {res['runtime_seconds'] / 60:.1f} min")
+                        eval_split=a.eval_split, only=a.only)
+        done = f"added {', '.join(a.only)} rows to" if a.only else f"in {res['runtime_seconds'] / 60:.1f} min wrote"
+        print(f"{done} {a.out}/tiny.json and {a.out}/README.md")
         for line in difference_lines(res):
             print(line)
     r.set_defaults(fn=run)
@@ -65,6 +70,14 @@ def add_transfer_command(sub) -> None:
     r.add_argument("--no-same-student", action="store_true",
                    help="skip the headline regime's rows on one student and one schedule (GenRecal on the "
                         "same-tokenizer student, logit KD on GenRecal's schedule, SFT at the after-stage-2 steps)")
+    r.add_argument("--no-ablations", action="store_true",
+                   help="skip the paper's ablations (no regularization, KL only, depth 1, NPE off) at --ablation-rho")
+    r.add_argument("--ablation-rho", type=float, default=0.5,
+                   help="the label noise of the ablations (0.5, chosen on val: the regime where GenRecal - SFT is largest, "
+                        "results/transfer_val)")
+    r.add_argument("--no-transfer-variants", action="store_true",
+                   help="skip our variants on the same-tokenizer student (no leak, the student's own answer "
+                        "positions, distillation through stage 3)")
     r.add_argument("--steps", type=int, nargs=3, default=[100, 200, 200], metavar=("S1", "S2", "S3"),
                    help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
@@ -95,7 +108,9 @@ def add_transfer_command(sub) -> None:
         plan = quick_plan(a.seeds) if a.quick else Plan(seeds=a.seeds, rhos=a.rhos, n_test=a.n_test, lr=a.lr,
                                                          eval_split=a.eval_split, variants=not a.no_variants,
                                                          posterior=not a.no_posterior, bounds=not a.no_bounds,
-                                                         same_student=not a.no_same_student, steps=tuple(a.steps))
+                                                         same_student=not a.no_same_student, steps=tuple(a.steps),
+                                                         ablations=not a.no_ablations, ablation_rho=a.ablation_rho,
+                                                         transfer_variants=not a.no_transfer_variants)
         if a.probe_budget:
             probe_budget(plan, a.probe_budget, out)
             return

@@ -38,6 +38,9 @@ class Encoded:
     a_len: int
     vision: dict = field(default_factory=dict)
     id: str = "?"
+    answer: str | None = None  # the sample's answer text, which `a_offsets` index
+    a_offsets: list[tuple[int, int]] | None = None  # (La,): each answer token's (start, end) in `answer` (see
+    # `Renderer.answer_offsets`); None where the tokenizer gives no offsets. Only text-aligned losses read the two.
 
 
 def _image_token_id(config, processor) -> int:
@@ -91,17 +94,37 @@ class Renderer:
         return self.tokenizer.apply_chat_template(self._messages(s, False), chat_template=self.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
 
-    def answer_ids(self, s: Sample) -> list[int]:
-        """Answer tokens, cut just after the first end-of-turn/EOS token (appended if the template has none)."""
+    def answer_suffix(self, s: Sample) -> str:
+        """The text the chat template writes after the prompt for the assistant turn (the answer if it cannot tell)."""
         prompt = self.prompt(s)
         full = self.tokenizer.apply_chat_template(self._messages(s, True), chat_template=self.chat_template,
                                                   tokenize=False)
-        suffix = full[len(prompt):] if full.startswith(prompt) else s.answer
-        ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return full[len(prompt):] if full.startswith(prompt) else s.answer
+
+    def answer_ids(self, s: Sample) -> list[int]:
+        """Answer tokens, cut just after the first end-of-turn/EOS token (appended if the template has none)."""
+        ids = self.tokenizer(self.answer_suffix(s), add_special_tokens=False)["input_ids"]
         for j, t in enumerate(ids):
             if t in self.eot_ids:
                 return ids[: j + 1]
         return ids + [self.tokenizer.eos_token_id]
+
+    def answer_offsets(self, s: Sample, ids: list[int]) -> list[tuple[int, int]] | None:
+        """Each answer token's (start, end) character span in `s.answer`'s coordinates, (La,), for `ids` =
+        `answer_ids(s)`: template text before the answer gives negative offsets (a Metaspace tokenizer's leading
+        '▁' piece ends at 0), the end-of-turn token and any template text after the answer start at or after
+        len(s.answer); an EOS that `answer_ids` appended sits at the end of the template's text. None where the
+        tokenizer is not a fast one (no offsets) or the template does not write the answer verbatim."""
+        suffix = self.answer_suffix(s)
+        start = suffix.find(s.answer)
+        if not getattr(self.tokenizer, "is_fast", False) or start < 0:
+            return None
+        enc = self.tokenizer(suffix, add_special_tokens=False, return_offsets_mapping=True)
+        n = min(len(ids), len(enc["input_ids"]))
+        if enc["input_ids"][:n] != ids[:n]:  # the same text and tokenizer give the same ids; guard all the same
+            return None
+        spans = [(a - start, b - start) for a, b in enc["offset_mapping"][:n]]
+        return spans + [(len(suffix) - start,) * 2] * (len(ids) - n)  # the appended EOS: after everything
 
     def _template_tail(self) -> str:
         """What the chat template writes after an answer (e.g. '<|im_end|>\\n'); '' if it cannot be told apart."""
@@ -209,7 +232,7 @@ class Renderer:
         if len(q) + len(a) > self.max_length:
             raise SampleError(f"sample {s.id}: rejected, too long for max_length={self.max_length} ({self.name}: "
                               f"question {len(q)} + answer {len(a)} tokens); raise max_length or shorten it")
-        return Encoded(torch.cat([q, a]), len(q), len(a), out, s.id)
+        return Encoded(torch.cat([q, a]), len(q), len(a), out, s.id, s.answer, self.answer_offsets(s, a.tolist()))
 
     def expected_image_tokens(self, vis: dict) -> int | None:
         """How many image tokens the model's vision tower will produce for these pixels (None: a family the table

@@ -11,6 +11,9 @@ Protocol (every budget is also written into tiny.json["budgets"]):
   the Recalibrator (s1 extra steps that never touch the student; that is the method).
 - Evaluation on the test split (or --eval-split val, where any knob choice must be made). Nothing here is tuned.
 - The frozen teacher's features over the training split are computed once and read from a float32 cache.
+
+`--only METHOD ...` trains only some student baselines and appends their rows to an existing OUT/tiny.json at that
+table's budgets and generation cut (`add_baseline_rows`): a row added to the table never retrains or changes another.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from minigenrecal.stages import StageConfig
 from minigenrecal.study.baselines import build_same_tokenizer_student, train_baseline
 
 DATA_SEED = 0
-MAIN_ROWS = ["teacher", "student_untrained", "sft", "same_tokenizer_kd", "uld", "linear_projector", "genrecal",
+STUDENT_BASELINES = ("sft", "same_tokenizer_kd", "uld", "linear_projector", "uld_text", "linear_projector_text")
+MAIN_ROWS = ["teacher", "student_untrained", *STUDENT_BASELINES, "genrecal",
              "genrecal_no_reg", "genrecal_depth1", "genrecal_kl_only", "genrecal_after_stage1",
              "genrecal_after_stage2", "genrecal_answer_embeddings"]
 # GenRecal variants: knobs applied to stages 1-2 (reg, w_ce) or to the Recalibrator (depth, answer_input)
@@ -51,6 +55,8 @@ PAPER = {  # the paper's corresponding figure (docs/method.md); averages over MM
     "same_tokenizer_kd": "LLaVA-KD 85.0/61.8/65.9/58.2 vs SFT 84.3/60.5/64.2/56.3 (Qwen2-VL-7B<-72B, same tokenizer)",
     "uld": "69.4",
     "linear_projector": "not in the paper (its other cross-tokenizer baseline, MOT: 70.8)",
+    "uld_text": "69.4 (the paper's ULD row)",
+    "linear_projector_text": "not in the paper",
     "genrecal": "76.4; JSD x100 0.02, ECE 0.13",
     "genrecal_no_reg": "70.1",
     "genrecal_depth1": "74.9",
@@ -70,7 +76,7 @@ class Plan:
     n_test: int
     eval_split: str
     stages: dict[int, StageConfig]  # GenRecal
-    baseline: StageConfig  # every student-only baseline (sft, same_tokenizer_kd, uld, linear_projector)
+    baseline: StageConfig  # every student-only baseline (STUDENT_BASELINES)
     quick: bool = False
     note: str = ""
 
@@ -117,7 +123,10 @@ class Context:
     teacher_dists: list = field(default_factory=list)
 
 
-def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log=print) -> Context:
+def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log=print,
+                  answer_inputs: tuple[str, ...] = ("features", "embeddings")) -> Context:
+    """The teacher, the training split (max(plan.sizes) samples) rendered by both sides, the eval split, and a
+    teacher cache per answer input (the student baselines read only 'features')."""
     try:
         model, proc = tiny.load_teacher(teacher_dir or tiny.TEACHER_DIR)
         kind = "trained (shipped tiny teacher)"
@@ -130,7 +139,7 @@ def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log
     student = VLMView(*tiny.build_student(0), name="student")  # only its processor is used here
     train = make_split(DATA_SEED, "train", max(plan.sizes))
     caches = {}
-    for ai in ("features", "embeddings"):
+    for ai in answer_inputs:
         build_cache(teacher, train, workdir / ai, dtype="float32", answer_input=ai)
         caches[ai] = TeacherCache(workdir / ai)
     return Context(teacher, kind, train, make_split(DATA_SEED, plan.eval_split, plan.n_test),
@@ -138,7 +147,24 @@ def build_context(plan: Plan, workdir: Path, teacher_dir: str | None = None, log
 
 
 # -- one trained or untrained model -> one row -----------------------------------------------------------------
-def evaluate_row(view: VLMView, ctx: Context) -> dict:
+class GenerationCut:
+    """`view` whose greedy generation stops at `max_new_tokens`: rows added to a table measured with another cut are
+    measured with the table's (every other attribute is the view's)."""
+
+    def __init__(self, view: VLMView, max_new_tokens: int):
+        self.view, self.max_new_tokens = view, max_new_tokens
+
+    def __getattr__(self, name):
+        return getattr(self.view, name)
+
+    def generate(self, samples: list) -> list[str]:
+        return self.view.generate(samples, max_new_tokens=self.max_new_tokens)
+
+
+def evaluate_row(view: VLMView, ctx: Context, max_new_tokens: int | None = None) -> dict:
+    """Accuracy (greedy exact match, cut at `max_new_tokens` if given, else `VLMView.generate`'s default), and JSD to
+    the teacher, ECE and candidate accuracy over the closed questions."""
+    view = view if max_new_tokens is None else GenerationCut(view, max_new_tokens)
     em = exact_match(view, ctx.eval_samples)["accuracy"]
     cal = calibration(view, ctx.eval_samples, ctx.teacher_dists or None)
     return {"accuracy": em, "jsd": cal.get("jsd", 0.0), "ece": cal["ece"], "candidate_accuracy": cal["candidate_accuracy"],
@@ -177,7 +203,11 @@ def run_student_baseline(ctx: Context, plan: Plan, method: str, seed: int, n: in
 
 # -- the whole table -----------------------------------------------------------------------------------------
 def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_dir: str | None = None,
-              log=print, **plan_kw) -> dict:
+              log=print, only: list[str] | None = None, **plan_kw) -> dict:
+    """The whole table into OUT/tiny.json and OUT/README.md; with `only`, just those student baselines' rows,
+    appended to the existing OUT/tiny.json (`add_baseline_rows`)."""
+    if only:
+        return add_baseline_rows(only, seeds, out, teacher_dir, log, quick=quick, **plan_kw)
     t_start = time.time()
     plan = make_plan(seeds, quick=quick, **plan_kw)
     out = Path(out)
@@ -211,7 +241,7 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
             n = plan.n_train
             t0 = time.time()
             add("student_untrained", seed, 0, evaluate_row(VLMView(*build_student(seed), name="s"), ctx), time.time() - t0)
-            for method in ("sft", "same_tokenizer_kd", "uld", "linear_projector"):
+            for method in STUDENT_BASELINES:
                 t0 = time.time()
                 student = run_student_baseline(ctx, plan, method, seed, n)
                 add(method, seed, n, evaluate_row(student, ctx), time.time() - t0,
@@ -250,6 +280,85 @@ def reproduce(seeds: list[int], out: str | Path, quick: bool = False, teacher_di
     return result
 
 
+# -- rows added to an existing table ---------------------------------------------------------------------------
+def budget_differences(ours: dict, table: dict, at: str = "") -> list[str]:
+    """The budget keys (nested, dotted) whose value in `ours` differs from `table`'s: every key the table records
+    but its seeds (a later run may add seeds). Config fields added after the table was written are not compared:
+    their defaults keep the behaviour the table was measured with."""
+    ours, diffs = json.loads(json.dumps(ours)), []
+    for k, v in table.items():
+        if k == "seeds" and not at:
+            continue
+        if isinstance(v, dict) and isinstance(ours.get(k), dict):
+            diffs += budget_differences(ours[k], v, f"{at}{k}.")
+        elif ours.get(k) != v:
+            diffs.append(f"{at}{k}")
+    return diffs
+
+
+def check_same_teacher(cal: dict, result: dict, path: Path, tol: float = 1e-4) -> None:
+    """Raise unless this run's teacher scores the eval split as the table's teacher row did (ECE and candidate
+    accuracy within `tol`): a table's rows are only comparable when one teacher taught them all."""
+    row = next((r for r in result["rows"] if r["method"] == "teacher"), None)
+    if row is None:
+        raise ValueError(f"{path} has no teacher row to check this run's teacher against")
+    if any(abs(cal[k] - row[k]) > tol for k in ("ece", "candidate_accuracy")):
+        raise ValueError(f"{path}: its teacher row has ECE {row['ece']:.4f}, candidate accuracy "
+                         f"{row['candidate_accuracy']:.4f}; this run's teacher {cal['ece']:.4f}, "
+                         f"{cal['candidate_accuracy']:.4f}: another teacher (pass the table's with --teacher-dir)")
+
+
+def add_baseline_rows(methods: list[str], seeds: list[int], out: str | Path, teacher_dir: str | None = None,
+                      log=print, **plan_kw) -> dict:
+    """Train only the student baselines `methods` for `seeds` and append their rows to OUT/tiny.json, then re-render
+    the report. Every row already there stays byte for byte; a (method, seed) already there is skipped (so an
+    interrupted run resumes). The new rows are measured as the table was: the same plan (`plan_kw` must give the
+    table's budgets, else ValueError naming the keys that differ), the same teacher (`check_same_teacher`; the
+    table's may be an earlier checkpoint than the shipped one: pass it as `teacher_dir`), and the table's generation cut
+    (`max_new_tokens`; files that predate that field were measured at 12). What was added, when and how long it took
+    is recorded in tiny.json["added_rows"]."""
+    t_start, out = time.time(), Path(out)
+    path = out / "tiny.json"
+    result = json.loads(path.read_text())
+    unknown = [m for m in methods if m not in STUDENT_BASELINES]
+    if unknown:
+        raise ValueError(f"--only takes student baselines ({', '.join(STUDENT_BASELINES)}), not {unknown}")
+    plan = make_plan(seeds, **plan_kw)
+    differ = budget_differences(plan.budgets(), result["budgets"])
+    if differ:
+        raise ValueError(f"{path}: this run's budgets differ from the table's in {differ}; pass the table's flags")
+    n, cut = plan.n_train, result.get("max_new_tokens", 12)
+    todo = [(seed, m) for seed in seeds for m in methods
+            if not any(r["method"] == m and r["seed"] == seed and r["train_size"] == n for r in result["rows"])]
+    for seed, m in sorted(set((seed, m) for seed in seeds for m in methods) - set(todo)):
+        log(f"{m} seed {seed} n={n}: already in {path}, skipped")
+    if not todo:
+        return result
+    with tempfile.TemporaryDirectory(prefix="minigenrecal-cache-") as tmp:
+        ctx = build_context(replace(plan, sizes=[n]), Path(tmp), teacher_dir, log, answer_inputs=("features",))
+        if ctx.teacher_kind != result.get("teacher"):
+            raise ValueError(f"{path} was measured with a {result.get('teacher')!r} teacher, this run has a "
+                             f"{ctx.teacher_kind!r} one")
+        cal = calibration(ctx.teacher, ctx.eval_samples)
+        ctx.teacher_dists = cal["dists"]  # the reference of every JSD
+        check_same_teacher(cal, result, path)
+        for seed, method in todo:
+            t0 = time.time()
+            metrics = evaluate_row(run_student_baseline(ctx, plan, method, seed, n), ctx, cut)
+            row = {"method": method, "seed": seed, "train_size": n, **metrics, "seconds": round(time.time() - t0, 2),
+                   "student_steps": plan.baseline.steps, "sweep": False}
+            result["rows"].append(row)
+            log(f"{method:28s} seed {seed} n={n} acc {row['accuracy']:.3f} jsd {row['jsd']:.4f} "
+                f"ece {row['ece']:.3f} ({row['seconds']:.0f} s)")
+            path.write_text(json.dumps(result, indent=1) + "\n")  # rows added so far survive a crash
+    result.setdefault("added_rows", []).append(
+        {"methods": list(methods), "seeds": list(seeds), "max_new_tokens": cut,
+         "runtime_seconds": round(time.time() - t_start, 1), "date": time.strftime("%Y-%m-%d")})
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, out)
+    return result
+
+
 # -- the report ----------------------------------------------------------------------------------------------
 def _values(rows, method, n, key="accuracy"):
     return [r[key] for r in rows if r["method"] == method and (n is None or r["train_size"] == n)]
@@ -265,7 +374,8 @@ CLAIMS = [  # (the paper's claim, [(a, b), ...]): each shown as a difference of 
     ("depth 1 < depth 2", [("genrecal", "genrecal_depth1")]),
     ("stage 1 < stage 2 < stage 3", [("genrecal_after_stage2", "genrecal_after_stage1"),
                                      ("genrecal", "genrecal_after_stage2")]),
-    ("GenRecal beats the cross-tokenizer baselines", [("genrecal", "uld"), ("genrecal", "linear_projector")]),
+    ("GenRecal beats the cross-tokenizer baselines", [("genrecal", "uld"), ("genrecal", "linear_projector"),
+                                                      ("genrecal", "uld_text"), ("genrecal", "linear_projector_text")]),
     ("GenRecal > SFT", [("genrecal", "sft")]),
 ]
 NO_VERDICTS = ("This table states no verdicts. Its design (3 seeds x 300 items, the first teacher, a 12-token "
@@ -351,7 +461,12 @@ def write_report(result: dict, out: Path) -> str:
         L += ["**Quick smoke run (`--quick`): a handful of steps and samples. These numbers mean nothing.**", ""]
     L += [f"Generated by `python -m minigenrecal reproduce --seeds {' '.join(map(str, seeds))} --out {out.name}"
           f"{' --quick' if result['quick'] else ''}`. Teacher: {result.get('teacher', '?')}. "
-          f"Total runtime: {result['runtime_seconds'] / 60:.1f} min ({result['runtime_seconds']:.0f} s).", "",
+          f"Total runtime: {result['runtime_seconds'] / 60:.1f} min ({result['runtime_seconds']:.0f} s)."
+          + "".join(f" Rows {', '.join(a['methods'])} (seeds {' '.join(map(str, a['seeds']))}) added later by "
+                    f"`--only {' '.join(a['methods'])}` with the table's teacher (checked against its row), budgets "
+                    f"and {a['max_new_tokens']}-token generation cut ({a['runtime_seconds'] / 60:.1f} min); no other "
+                    "row was rerun."
+                    for a in result.get("added_rows", [])), "",
           f"Accuracy is greedy exact match on {b['n_eval']} samples of the {b['eval_split']} split; JSD (x100, to the "
           "teacher) and ECE (15 bins) use each model's distribution over the question's closed candidate-answer set "
           "(`minigenrecal/evaluation/metrics.py`); the open caption questions ('Describe the grid.') count in accuracy only. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ". "
@@ -391,10 +506,13 @@ def write_report(result: dict, out: Path) -> str:
           f"- GenRecal: stage 1 {b['stage1']['steps']} steps (Recalibrator only), stage 2 {b['stage2']['steps']}, "
           f"stage 3 {b['stage3']['steps']}; batch {st['batch_size']}; LR {st['lr']} -> {st['lr_end']} linear per stage; "
           "the student's vision encoder trains in stages 2-3 (random-init student).",
-          f"- Baselines (sft, same_tokenizer_kd, uld, linear_projector): {bl['steps']} student steps (= stage 2 + "
+          f"- Baselines ({', '.join(STUDENT_BASELINES)}): {bl['steps']} student steps (= stage 2 + "
           f"stage 3), batch {bl['batch_size']}, LR {bl['lr']} -> {bl['lr_end']}, vision encoder trains; the same data "
           "order as SFT for the seed.",
-          "- Cross-tokenizer baselines pair answer positions by index over min(La_s, La_l).",
+          "- `uld` and `linear_projector` pair answer positions by index over min(La_s, La_l). `uld_text` and "
+          "`linear_projector_text` pair them by the answer's text: each side's tokens grouped into the smallest "
+          "spans that end at the same character, the row predicting each span's first token paired with the "
+          "other side's, end-of-turn with end-of-turn (`study/baselines.py`, `align_by_text`).",
           f"- {b['note']}.",
           "- Honest reporting: nothing in this command is tuned. The tiny preset's knobs were fixed before any test "
           "run; the only check behind them is one val-split run of this table (seed 0). `--eval-split val` runs the "

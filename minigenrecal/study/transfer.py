@@ -47,8 +47,7 @@ from minigenrecal.data.synthetic import (
 )
 from minigenrecal.evaluation.exact_match import exact_match
 from minigenrecal.evaluation.metrics import calibration, posterior_metrics
-from minigenrecal.loop import AfterStage, PairData, run_stages, train_stage
-from minigenrecal.losses import answer_rows
+from minigenrecal.loop import AfterStage, Callback, Engine, PairData, run_stages, train_stage
 from minigenrecal.models.tiny import load_teacher
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.recalibrator import Recalibrator
@@ -57,6 +56,7 @@ from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_f
 from minigenrecal.study import stats
 from minigenrecal.study.baselines import train_baseline
 from minigenrecal.study.tables import md_table, run_label
+from minigenrecal.study.variants import StudentAnswers
 from minigenrecal.study.warmstart import load_warm_start
 
 DATA_SEED = 0
@@ -94,6 +94,9 @@ class Plan:
     posterior: bool = True  # the posterior-task regime (needs data_samples/tiny_teacher_posterior)
     bounds: bool = True  # sequence-level KD (SFT on the teacher's answers)
     same_student: bool = False  # the headline regime's comparison on ONE student and ONE schedule (`SAME_STUDENT`)
+    ablations: bool = False  # the paper's ablations (`ABLATIONS`) at `ablation_rho`, chosen on val
+    ablation_rho: float = 0.5  # chosen on val (results/transfer_val): the noise where GenRecal - SFT is largest
+    transfer_variants: bool = False  # our variants on the same-tokenizer student (`TRANSFER_VARIANTS`), headline regime
     oracle_draws: int = 16  # posterior draws per training sample for the oracle
     quick: bool = False
 
@@ -107,7 +110,8 @@ class Plan:
 
 def quick_plan(seeds: list[int]) -> Plan:
     return Plan(seeds=seeds[:2], rhos=[0.5], n_train=24, n_test=16, n_dist=8, n_train_eval=8, steps=(2, 3, 3),
-                batch_size=8, oracle_draws=2, quick=True, same_student=True)
+                batch_size=8, oracle_draws=2, quick=True, same_student=True, ablations=True, ablation_rho=0.5,
+                transfer_variants=True)
 
 
 # -- seed-independent state --------------------------------------------------------------------------------------
@@ -179,11 +183,12 @@ def evaluate(view: VLMView, ctx: Context, trained_on: list[Sample]) -> dict:
 
 # -- the diagnosis ---------------------------------------------------------------------------------------------------
 def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConfig, answer_input: str,
-             train: list[Sample]) -> dict:
+             train: list[Sample], module_cls=GenRecal) -> dict:
     """The gradient of each stage-2 loss term into the student (LLM + projector) on a fixed batch of the TRAINING
     data (its labels, noisy or not): norms, and the cosine of the distillation terms' gradient with the student CE's.
     On a fixed val batch (clean labels): the Recalibrator path's accuracy and KL at the first answer token vs later
-    ones, with the student's question features as they are or scrambled across the batch (rolled by one sample)."""
+    ones, with the student's question features as they are or scrambled across the batch (rolled by one sample); the
+    first token's accuracy also by question type."""
     teacher = ctx.teacher
     batch = lambda view, samples: view.collate(ctx.encode(view, samples))
     g_train = train[: len(ctx.diag)]
@@ -196,7 +201,8 @@ def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConf
     for p in params:
         p.requires_grad_(True)
     out, flat = {}, {}
-    terms = GenRecal(student, recal, teacher.head)(2, s_batch, t, replace(cfg, reg=True))
+    module = module_cls(student, recal, teacher.head)
+    terms = module(2, s_batch, t, replace(cfg, reg=True))
     for name in TERMS:
         grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True) \
             if terms[name].requires_grad else [None] * len(params)  # a frozen reader: the reg terms reach nothing
@@ -204,16 +210,18 @@ def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConf
         out[f"grad_{name}"] = float(flat[name].norm())  # the reg terms never reach the student: 0
     distill = cfg.w_ce * flat["ce_main"] + cfg.w_kl * flat["kl_main"]
     out["grad_distill_cos_ce_student"] = float(torch.nn.functional.cosine_similarity(distill, flat["ce_student"], 0))
+    # |distill| / |distill + w_student * ce_student|: above 1 where the two pull against each other
     out["grad_distill_share"] = float(distill.norm() / (distill + cfg.w_student * flat["ce_student"]).norm())
     for p, f in zip(student.model.parameters(), flags):
         p.requires_grad_(f)
     s_batch, t_batch = batch(student, ctx.diag), batch(teacher, ctx.diag)
     t = teacher_forward(teacher, t_batch, answer_input)
+    row_type = np.repeat([question_type(x.question) for x in ctx.diag], t.a_lens.tolist())  # each answer row's type
     with torch.no_grad():
         z_s = student.body(s_batch)
         z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]
         for label, zq in (("", z_qs), ("_scrambled", z_qs[1:] + z_qs[:1])):
-            h = answer_rows(recal(zq, t.z_a), torch.tensor([len(q) for q in zq]), t.a_lens)  # (N, d_l)
+            h = module.main_rows(zq, z_s, s_batch, t)  # (N, d_l)
             logits, t_logits = teacher.head(h).float(), teacher.head(t.z_pred).float()
             first = torch.zeros(len(h), dtype=torch.bool)
             first[torch.cumsum(t.a_lens, 0)[:-1]] = True
@@ -223,6 +231,10 @@ def diagnose(student: VLMView, recal: Recalibrator, ctx: Context, cfg: StageConf
             for pos, sel in (("first", first), ("later", ~first)):
                 out[f"recal_acc_{pos}{label}"] = float(hit[sel].float().mean())
                 out[f"recal_kl_{pos}{label}"] = float(kl[sel].mean())
+            for qt in QUESTION_TYPES:  # the first answer token, where the student's features must carry the answer
+                sel = first & torch.from_numpy(row_type == qt)
+                if sel.any():
+                    out[f"recal_acc_first_{qt}{label}"] = float(hit[sel].float().mean())
     return out
 
 
@@ -233,26 +245,68 @@ def warm_student(kind: str) -> VLMView:
     return VLMView(*load_warm_start(kind), name="cross" if kind == "cross_tokenizer" else "teacher")
 
 
+class AtStep(Callback):
+    """Calls `fn(state)` after stage `stage`'s optimizer steps in `steps` (a diagnosis or an evaluation mid-stage)."""
+
+    def __init__(self, stage: int, steps: set[int], fn):
+        self.stage, self.steps, self.fn = stage, steps, fn
+
+    def on_step_end(self, st) -> None:
+        if st.stage == self.stage and st.step in self.steps:
+            self.fn(st)
+            st.engine.module.train()  # an evaluation leaves the student in eval mode
+
+
+STAGE_KNOBS = ("train_recal", "w_kl", "w_ce", "reg")  # knobs of stages 1-2 (`train_recal`: stage 2 only)
+
+
 def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, after2=None,
-                 student_kind: str = "cross_tokenizer") -> tuple[VLMView, dict]:
-    """Stages 1-3 from the warm start, the live frozen teacher; the diagnosis after stages 1 and 2."""
+                 student_kind: str = "cross_tokenizer", after1=None) -> tuple[VLMView, dict]:
+    """Stages 1-3 from the warm start, the live frozen teacher; the diagnosis after stages 1 and 2.
+
+    knobs: `STAGE_KNOBS`; `answer_input`; `depth` and `npe` (the Recalibrator); `module` ('student_answers':
+    `variants.StudentAnswers`); `distill_stage3` (stage 2 runs stage 2 + stage 3's steps and there is no stage 3:
+    `after2` and the 'after_stage2' diagnosis then come at stage 2's own step count); `trace` (the diagnosis also at
+    the middle of stage 2 and after the last stage). `after1`/`after2` get the student after stage 1/2."""
     plan, teacher = ctx.plan, ctx.teacher
     student = warm_student(student_kind)
     answer_input = knobs.get("answer_input", "features")
-    stage_knobs = {k: v for k, v in knobs.items() if k in ("train_recal", "w_kl")}
+    stage_knobs = {k: v for k, v in knobs.items() if k in STAGE_KNOBS}
     data = PairData(ctx.encode(student, noisy), ctx.encode(teacher, noisy))
     plan_ = {stage: plan.stage(stage, seed) for stage in (1, 2, 3)}
     for stage in (1, 2):
         plan_[stage] = replace(plan_[stage], **{k: v for k, v in stage_knobs.items() if stage == 2 or k != "train_recal"})
+    s2, cfg2 = plan.steps[1], plan_[2]
+    if knobs.get("distill_stage3"):
+        plan_[2] = replace(plan_[2], steps=plan.steps[1] + plan.steps[2])
+        del plan_[3]
+    torch.manual_seed(seed)  # as run_stages seeds the Recalibrator it builds
+    recal = Recalibrator(teacher.d, student.text_config, knobs.get("depth", 2), npe=knobs.get("npe", True))
+    module_cls = StudentAnswers if knobs.get("module") == "student_answers" else GenRecal
+    engine = Engine(student, recal, teacher.head, plan_, module=module_cls(student, recal, teacher.head)) \
+        if module_cls is not GenRecal else None
     diag = {}
 
-    def after(st):
-        if st.stage in (1, 2):
-            diag[f"after_stage{st.stage}"] = diagnose(student, st.recal, ctx, st.cfg, answer_input, noisy)
-        if st.stage == 2 and after2 is not None:
+    def diagnosis(key):
+        return lambda st: diag.__setitem__(key, diagnose(student, recal, ctx, cfg2, answer_input, noisy, module_cls))
+
+    def at_stage2_end(st):
+        diagnosis("after_stage2")(st)
+        if after2 is not None:
             after2(student)
-    run_stages(plan_, student, data, teacher, depth=2, seed=seed, answer_input=answer_input, progress=False,
-               callbacks=[AfterStage(after)])
+
+    callbacks = [AfterStage(lambda st: (diagnosis("after_stage1")(st), after1 and after1(student)) if st.stage == 1
+                            else None)]
+    if knobs.get("trace"):
+        callbacks.append(AtStep(2, {s2 // 2}, diagnosis("mid_stage2")))
+    if knobs.get("distill_stage3"):
+        callbacks.append(AtStep(2, {s2}, at_stage2_end))
+        callbacks.append(AfterStage(lambda st: knobs.get("trace") and st.stage == 2 and diagnosis("after_stage3")(st)))
+    else:
+        callbacks.append(AfterStage(lambda st: at_stage2_end(st) if st.stage == 2 else None))
+        callbacks.append(AfterStage(lambda st: knobs.get("trace") and st.stage == 3 and diagnosis("after_stage3")(st)))
+    run_stages(plan_, student, data, teacher, recal, seed=seed, answer_input=answer_input, progress=False,
+               callbacks=callbacks, engine=engine)
     return student, diag
 
 
@@ -296,7 +350,9 @@ def blocks(plan: Plan) -> list[str]:
     out = [head] + (["seq_kd"] if plan.bounds else []) + ([f"{head}_variants"] if plan.variants and plan.headline_rho in plan.rhos else [])
     out += [f"{head}_same_student"] if plan.same_student and plan.headline_rho in plan.rhos else []
     out += [f"noise{rho:g}" for rho in plan.rhos if rho != plan.headline_rho]
-    return out + (["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else [])
+    out += ["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else []
+    out += [f"noise{plan.ablation_rho:g}_ablations"] if plan.ablations and plan.ablation_rho in plan.rhos else []
+    return out + ([f"{head}_transfer"] if plan.transfer_variants and plan.headline_rho in plan.rhos else [])
 
 
 def block_path(out: Path, seed: int, block: str) -> Path:
@@ -356,6 +412,10 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
 
     if block.endswith("_same_student"):
         same_student_rows(ctx, block.removesuffix("_same_student"), seed, add)
+    elif block.endswith("_ablations"):
+        ablation_rows(ctx, block.removesuffix("_ablations"), seed, add)
+    elif block.endswith("_transfer"):
+        transfer_variant_rows(ctx, block.removesuffix("_transfer"), seed, add)
     elif block == "seq_kd":
         regime_rows(None, ctx.train, ["seq_kd"], {})
     elif block == "posterior":
@@ -406,6 +466,56 @@ def same_student_rows(ctx: Context, regime: str, seed: int, add) -> None:
         add(regime, method, t0, evaluate(student, ctx, noisy))
 
 
+# -- the paper's ablations, and our variants that try to transfer -------------------------------------------------------
+ABLATIONS = {  # the paper's ablations (docs/method.md, "Run: the paper's ablations"), each against `genrecal`
+    "genrecal_no_reg": {"reg": False},  # stages 1-2 without the regularization path
+    "genrecal_kl_only": {"w_ce": 0.0},  # stages 1-2: KL through the teacher head, no CE (also at noise 0)
+    "genrecal_depth1": {"depth": 1},
+    "genrecal_no_npe": {"npe": False},  # each part keeps its own model's position ids
+}
+TRANSFER_VARIANTS = {  # ours, on the same-tokenizer student; each against logit KD's gain on that student
+    "genrecal_ss_traced": {},  # the method itself (= `genrecal_same_student`), with the diagnosis through stage 3
+    "genrecal_ss_embeddings": {"answer_input": "embeddings"},  # no leak
+    "genrecal_ss_student_answers": {"module": "student_answers"},  # the student's own answer positions
+    "genrecal_ss_distill3": {"distill_stage3": True},  # distillation kept on through stage 3's steps
+    "genrecal_ss_student_answers_distill3": {"module": "student_answers", "distill_stage3": True},
+}
+
+
+def traced_rows(ctx: Context, regime: str, seed: int, noisy: list[Sample], runs: dict, add,
+                student_kind: str = "cross_tokenizer") -> None:
+    """Each run's rows after stage 2 (or its step count) and at the end, with the diagnosis through stage 3."""
+    for name, knobs in runs.items():
+        t0, mid = time.time(), {}
+        student, diag = run_genrecal(ctx, seed, noisy, {**knobs, "trace": True},
+                                     lambda s: mid.setdefault("row", evaluate(s, ctx, noisy)), student_kind)
+        add(regime, f"{name}_after_stage2", t0, mid["row"], diagnosis=diag["after_stage2"])
+        add(regime, name, t0, evaluate(student, ctx, noisy), diagnosis=diag)
+
+
+def ablation_rows(ctx: Context, regime: str, seed: int, add) -> None:
+    """The paper's ablations in `regime` (their reference, `genrecal`, is the regime block's row of the same seed),
+    KL only at noise 0 too (the paper's collapse), the cross student's SFT at stage 2's step count, and the warm
+    start itself (stage 1 leaves the student as it is: the stage-wise ordering starts there)."""
+    noisy, _ = label_noise(ctx.train, float(regime.removeprefix("noise")), seed)
+    t0 = time.time()
+    add(regime, "warm_start", t0, evaluate(warm_student("cross_tokenizer"), ctx, noisy))
+    t0, student = time.time(), warm_student("cross_tokenizer")
+    stage2 = replace(ctx.plan.stage(2, seed), seed=seed - 1)  # a one-stage run is stage 3 to the loop: stage 2's order
+    train_stage(3, student, PairData(ctx.encode(student, noisy)), stage2, progress=False)
+    add(regime, "sft_stage2_steps", t0, evaluate(student, ctx, noisy))
+    traced_rows(ctx, regime, seed, noisy, ABLATIONS, add)
+    if 0.0 in ctx.plan.rhos:
+        clean, _ = label_noise(ctx.train, 0.0, seed)
+        traced_rows(ctx, "noise0", seed, clean, {"genrecal_kl_only": ABLATIONS["genrecal_kl_only"]}, add)
+
+
+def transfer_variant_rows(ctx: Context, regime: str, seed: int, add) -> None:
+    """Our variants on the same-tokenizer student (the positive control's), with the study's data, labels and LR."""
+    noisy, _ = label_noise(ctx.train, float(regime.removeprefix("noise")), seed)
+    traced_rows(ctx, regime, seed, noisy, TRANSFER_VARIANTS, add, student_kind="same_tokenizer")
+
+
 # -- all seeds, in parallel processes ----------------------------------------------------------------------------------
 def _worker(args):
     plan, seed, out = args
@@ -422,14 +532,24 @@ def transfer(plan: Plan, out: str | Path, jobs: int = 2) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(plan, s, str(out)) for s in plan.seeds]
     paths = [block_path(out, s, b) for s in plan.seeds for b in blocks(plan)]
+    missing = {b for s in plan.seeds for b in blocks(plan) if not block_path(out, s, b).exists()}
     read_back = sum(p.exists() for p in paths)  # so the runtime says what it covers (a study from empty, or a top-up)
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
             per_seed = list(ex.map(_worker, tasks))
     else:
         per_seed = [_worker(t) for t in tasks]
+    runtime = round(time.time() - t0, 1)
+    before = json.loads((out / "transfer.json").read_text()) if (out / "transfer.json").exists() else {}
+    invocations = before.get("invocations") or ([{**{k: before.get(k) for k in ("runtime_seconds", "jobs", "blocks")},
+                                                  "trained": sorted(blocks(plan_of(before)))}]
+                                                if before else [])  # a study written before this list was kept
+    if read_back < len(paths) or not invocations:  # an invocation that only read back trained nothing: not a run
+        invocations.append({"runtime_seconds": runtime, "jobs": jobs,
+                            "blocks": {"total": len(paths), "read_back": read_back},
+                            "trained": sorted(missing)})
     result = {"plan": asdict(plan), "rows": [r for rows in per_seed for r in rows],
-              "runtime_seconds": round(time.time() - t0, 1), "jobs": jobs,
+              "runtime_seconds": runtime, "jobs": jobs, "invocations": invocations,
               "blocks": {"total": len(paths), "read_back": read_back},
               "manifest": write_manifest(out, run_manifest({**asdict(plan), "jobs": jobs, "threads_per_job": 1},
                                                            plan.seeds))}
@@ -475,7 +595,13 @@ def command_line(plan: dict, out: Path) -> str:
              ("variants", " --no-variants"), ("posterior", " --no-posterior"), ("bounds", " --no-bounds"),
              ("steps", f" --steps {' '.join(map(str, plan['steps']))}")]
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
-    return cmd + "".join(f for k, f in flags if norm(plan[k]) != norm(d[k]))
+    cmd += "".join(f for k, f in flags if norm(plan[k]) != norm(d[k]))
+    # blocks the command line runs unless told not to (a plan written before a block existed did not run it)
+    on_by_default = [("same_student", " --no-same-student"), ("ablations", " --no-ablations"),
+                     ("transfer_variants", " --no-transfer-variants")]
+    cmd += "".join(f for k, f in on_by_default if not plan.get(k, False))
+    return cmd + (f" --ablation-rho {plan['ablation_rho']:g}" if plan.get("ablations") and plan["ablation_rho"] != 0.5
+                  else "")
 
 
 def probe_budget(plan: Plan, budgets: list[int], out: str | Path, log=print) -> dict:
@@ -536,6 +662,37 @@ def comparisons(plan: Plan, posterior: bool = False) -> list[tuple[str, str, str
             out += [(r, v, r, "genrecal", f"variant {v} - GenRecal") for v in VARIANTS]
         if plan.same_student and rho == plan.headline_rho:
             out += [(r, a, r, b, what) for a, b, what in SAME_STUDENT_COMPARISONS]
+        if plan.ablations and rho == plan.ablation_rho:
+            out += [(r, a, r, b, what) for a, b, what in ablation_comparisons(ABLATIONS)]
+        if plan.ablations and rho == 0.0 and plan.ablation_rho in plan.rhos:
+            out += [(r, a, r, b, what) for a, b, what in ablation_comparisons(["genrecal_kl_only"], stagewise=False)]
+        if plan.transfer_variants and rho == plan.headline_rho:
+            out += [(r, a, r, b, what) for a, b, what in variant_comparisons()]
+    return out
+
+
+def ablation_comparisons(names, stagewise: bool = True) -> list[tuple[str, str, str]]:
+    """(a, b, what): each ablation against the full method, after stage 2 and after stage 3; the stage-wise ordering."""
+    out = []
+    for a in names:
+        out += [(f"{a}_after_stage2", "genrecal_after_stage2", f"ablation after stage 2: {a} - GenRecal"),
+                (a, "genrecal", f"ablation after stage 3: {a} - GenRecal")]
+    if stagewise:
+        out += [("genrecal_after_stage2", "warm_start", "stage-wise: after stage 2 - after stage 1 (= the warm start)"),
+                ("genrecal", "genrecal_after_stage2", "stage-wise: after stage 3 - after stage 2"),
+                ("genrecal_after_stage2", "sft_stage2_steps", "cross student, after stage 2: GenRecal - SFT at the "
+                                                              "same 200 student steps")]
+    return out
+
+
+def variant_comparisons() -> list[tuple[str, str, str]]:
+    """(a, b, what): each of our variants on the same-tokenizer student against its SFT (at the end and after 200
+    student steps) and against the method on that student."""
+    out = []
+    for v in TRANSFER_VARIANTS:
+        out += [(v, "same_arch_sft", f"ours, one student: {v} - SFT"),
+                (f"{v}_after_stage2", "same_arch_sft_stage2_steps", f"ours, one student, 200 steps: {v} - SFT")]
+        out += [] if v == "genrecal_ss_traced" else [(v, "genrecal_same_student", f"ours: {v} - GenRecal (one student)")]
     return out
 
 
@@ -557,8 +714,12 @@ SAME_STUDENT_FRACTIONS = [  # (a, b, control a, control b): GenRecal's gain over
 ]
 
 
+def plan_of(result: dict) -> Plan:
+    return Plan(**{k: (tuple(v) if k == "steps" else v) for k, v in result["plan"].items()})
+
+
 def analyse(result: dict) -> dict:
-    plan = Plan(**{k: (tuple(v) if k == "steps" else v) for k, v in result["plan"].items()})
+    plan = plan_of(result)
     rows, seeds = result["rows"], plan.seeds
     table = {}
     for r in rows:
@@ -600,6 +761,17 @@ def analyse(result: dict) -> dict:
             if key(a, b) in done and key(ca, cb) in done:  # a control whose gain may be 0 gives an open interval
                 fracs.append(fraction(rows, *key(a, b), *key(ca, cb), "one student" + (
                     ", one schedule" if ca.startswith("kd_genrecal_schedule") else ", KD at every step")))
+    if plan.transfer_variants:
+        r = f"noise{plan.headline_rho:g}"
+        done = {(c["a"], c["b"]) for c in comps}
+        for v in TRANSFER_VARIANTS:
+            for a, b, ca, cb, design in ((v, "same_arch_sft", "same_tokenizer_kd", "same_arch_sft", "one student, "
+                                          "over logit KD at every step (400 steps)"),
+                                         (f"{v}_after_stage2", "same_arch_sft_stage2_steps",
+                                          "kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps",
+                                          "one student, after 200 student steps, over logit KD's first 200")):
+                if (f"{r}|{a}", f"{r}|{b}") in done and (f"{r}|{ca}", f"{r}|{cb}") in done:
+                    fracs.append(fraction(rows, f"{r}|{a}", f"{r}|{b}", f"{r}|{ca}", f"{r}|{cb}", design))
     diag = {}
     for r in rows:
         if "diagnosis" in r and not r["method"].endswith("_after_stage2"):  # those hold one stage's dict
@@ -624,6 +796,7 @@ BY_TYPE = [  # (a, b): the comparisons broken down by question type (`by_questio
     ("genrecal_same_student", "same_arch_sft"), ("kd_genrecal_schedule", "same_arch_sft"),
     ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps"),
     ("kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps"),
+    *((a, "genrecal") for a in ABLATIONS), *((v, "same_arch_sft") for v in TRANSFER_VARIANTS),
 ]
 
 
@@ -670,7 +843,9 @@ def kind(a: str, b: str) -> str:
         return "control on GenRecal's schedule"
     if (a, b) == ("same_arch_sft", "sft"):
         return "architecture"
-    return "variant" if b == "genrecal" else "transfer"
+    if b == "warm_start":
+        return "stage-wise"
+    return "variant" if b in ("genrecal", "genrecal_after_stage2", "genrecal_same_student") else "transfer"
 
 
 def judge(comps: list[dict]) -> None:
@@ -752,7 +927,38 @@ def write_plot(result: dict, out: Path) -> str:
     fig = plot_by_type(result)
     fig.savefig(out / "by_type.png", dpi=120)
     plt.close(fig)
+    if (fig := plot_trace(result)) is not None:
+        fig.savefig(out / "trace.png", dpi=120)
+        plt.close(fig)
     return "transfer.png"
+
+
+def plot_trace(result: dict):
+    """The traced runs through training: the distillation share of the student's gradient (left) and the path's
+    first-answer-token accuracy with the student's features kept (solid) or scrambled (dotted, right). None if no
+    run was traced."""
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
+    runs = {r: d for r, d in result["analysis"]["diagnosis"].items() if "mid_stage2" in d}
+    if not runs:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4.6), layout="constrained")
+    xs = list(POINTS)
+    for k, (run, d) in enumerate(runs.items()):
+        pts = [x for x in xs if x in d]
+        color = plt.cm.tab10(k % 10)
+        label = f"{run.split('|')[0]}: {run.split('|')[1].removeprefix('genrecal_')}"
+        a1.plot([xs.index(x) for x in pts], [d[x]["grad_distill_share"] for x in pts], "o-", color=color, label=label)
+        a2.plot([xs.index(x) for x in pts], [100 * d[x]["recal_acc_first"] for x in pts], "o-", color=color)
+        a2.plot([xs.index(x) for x in pts], [100 * d[x]["recal_acc_first_scrambled"] for x in pts], ":", color=color)
+    for ax, title in ((a1, "distillation share of the student's gradient"),
+                      (a2, "path accuracy, first answer token (%): kept -, scrambled :")):
+        ax.set_xticks(range(len(xs)), [POINTS[x].replace(" of ", "\nof ") for x in xs], fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    a1.set_ylim(0, 1)
+    a2.set_ylim(0, 100)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
+    return fig
 
 
 BY_TYPE_SERIES = [  # (label, a, b, colour): what the by-question-type plot draws, where the rows exist
@@ -791,7 +997,13 @@ def plot_by_type(result: dict, regime: str | None = None):
 
 
 VARIANT_LABELS = {"genrecal": "GenRecal", "genrecal_recal_frozen": "GenRecal, Recalibrator frozen",
-                  "genrecal_answer_embeddings": "GenRecal, answer embeddings", "genrecal_kl_x4": "GenRecal, KL x4"}
+                  "genrecal_answer_embeddings": "GenRecal, answer embeddings", "genrecal_kl_x4": "GenRecal, KL x4",
+                  "genrecal_ss_traced": "the method itself (= genrecal_same_student)",
+                  "genrecal_ss_embeddings": "no leak: the teacher's answer embeddings",
+                  "genrecal_ss_student_answers": "the Recalibrator reads the student's own answer positions",
+                  "genrecal_ss_distill3": "distillation kept on through stage 3's steps",
+                  "genrecal_ss_student_answers_distill3": "the student's answer positions + distillation through "
+                                                          "stage 3"}
 
 
 def diagnosis_label(run: str) -> str:
@@ -806,7 +1018,8 @@ def plot_diagnosis(result: dict):
     path's token accuracy at the first answer token and at later ones, the student's question features kept or
     scrambled. One horizontal bar group per GenRecal run, so the run names stay readable."""
     import matplotlib.pyplot as plt  # heavy: only the plots need it
-    diagnosis = result["analysis"]["diagnosis"]
+    diagnosis = {r: d for r, d in result["analysis"]["diagnosis"].items()
+                 if r.split("|")[1] in ("genrecal", *VARIANTS)}  # the traced runs have a plot of their own
     runs = list(diagnosis)
     stages = [s for s in ("after_stage1", "after_stage2") if any(s in d for d in diagnosis.values())]
     fig, axes = plt.subplots(len(stages), 2, figsize=(9.6, 1.4 + 0.55 * len(runs) * len(stages)), squeeze=False,
@@ -914,10 +1127,103 @@ def report_lines(result: dict) -> list[str]:
     if an.get("by_question_type"):
         L += [""] + by_type_lines(an["by_question_type"])
     pct = lambda k: k.startswith("recal_acc")  # accuracies in %, as in every other table
-    rows = [[run_label(run), stage[-1], *(f"{100 * v[k]:.1f}" if pct(k) else f"{v[k]:.3g}" for k in DIAGNOSIS_KEYS)]
+    rows = [[run_label(run), POINTS[stage], *(f"{100 * v[k]:.1f}" if pct(k) else f"{v[k]:.3g}" for k in DIAGNOSIS_KEYS)]
             for run, d in an["diagnosis"].items() for stage, v in d.items()]
-    L += [""] + md_table(["run", "after stage", *(f"{k} (%)" if pct(k) else k for k in DIAGNOSIS_KEYS)], rows)
+    L += [""] + md_table(["run", "when", *(f"{k} (%)" if pct(k) else k for k in DIAGNOSIS_KEYS)], rows)
     return L
+
+
+POINTS = {"after_stage1": "end of stage 1", "mid_stage2": "middle of stage 2", "after_stage2": "end of stage 2",
+          "after_stage3": "end of stage 3"}  # where a run's diagnosis was taken (stage 2's start = stage 1's end)
+PAPER_ABLATIONS = {  # the paper's figure for each ablation, and the full method's it is measured against (points)
+    "genrecal_no_reg": (70.1, 76.4), "genrecal_kl_only": (55.0, 75.8), "genrecal_depth1": (74.9, 76.4),
+    "genrecal_no_npe": (70.5, 76.4),
+}
+
+
+def _cell(c: dict | None) -> str:
+    return "" if c is None else f"{_pts(c['diff'])} [{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]"
+
+
+def ablation_lines(result: dict) -> list[str]:
+    """The paper's ablations: each minus the full method after stage 2 and after stage 3 (points, 95% crossed
+    intervals), the MDE and verdict of the after-stage-3 gap, ECE beside the method's, and the paper's own gap."""
+    an, plan = result["analysis"], result["plan"]
+    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
+    summ = an["summary"]
+    rows = []
+    for regime in (f"noise{plan.get('ablation_rho', 0.5):g}", "noise0"):
+        for a in ABLATIONS:
+            c3 = comps.get((f"{regime}|{a}", f"{regime}|genrecal"))
+            if c3 is None:
+                continue
+            c2 = comps.get((f"{regime}|{a}_after_stage2", f"{regime}|genrecal_after_stage2"))
+            ece = lambda m: summ.get(f"{regime}|{m}", {}).get("ece")  # noqa: E731
+            paper = PAPER_ABLATIONS[a]
+            rows.append([regime, a, _cell(c2), _cell(c3), f"{100 * c3['mde']:.1f}", c3["verdict"],
+                         "" if ece(a) is None else f"{ece(a):.3f} / {ece('genrecal'):.3f}",
+                         f"{paper[0] - paper[1]:+.1f} ({paper[0]} vs {paper[1]})"])
+    if not rows:
+        return []
+    L = md_table(["regime", "ablation (a)", "a - GenRecal after stage 2 (points)", "a - GenRecal after stage 3 (points)",
+                  "MDE (points)", "verdict (after stage 3)", "ECE: a / GenRecal", "the paper's gap (points)"], rows)
+    r = f"noise{plan.get('ablation_rho', 0.5):g}"
+    order = [(f"{r}|genrecal_after_stage2", f"{r}|warm_start", "after stage 2 - after stage 1 (the warm start)",
+              "+7.3 (74.3 vs 67.0)"),
+             (f"{r}|genrecal", f"{r}|genrecal_after_stage2", "after stage 3 - after stage 2", "+2.1 (76.4 vs 74.3)"),
+             (f"{r}|genrecal_after_stage2", f"{r}|sft_stage2_steps", "after stage 2 - SFT at the same 200 steps", "")]
+    rows = [[r, what, _cell(comps[(a, b)]), f"{100 * comps[(a, b)]['mde']:.1f}", comps[(a, b)]["verdict"], paper]
+            for a, b, what, paper in order if (a, b) in comps]
+    return L + [""] + md_table(["regime", "stage-wise (GenRecal)", "gap (points)", "MDE (points)", "verdict",
+                                "the paper's gap (points)"], rows)
+
+
+def variant_lines(result: dict) -> list[str]:
+    """Our variants on the same-tokenizer student: each minus that student's SFT at the end (400 steps) and after
+    200 student steps, minus the method on that student, and the fraction of logit KD's gain it recovers."""
+    an, plan = result["analysis"], result["plan"]
+    r = f"noise{plan['headline_rho']:g}"
+    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
+    fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
+    end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    frac = lambda f: "" if f is None else f"{100 * f['ratio']:.0f}% [{end(f['ci95'][0])}, {end(f['ci95'][1])}]"  # noqa: E731
+    rows = []
+    for v in TRANSFER_VARIANTS:
+        c = comps.get((f"{r}|{v}", f"{r}|same_arch_sft"))
+        if c is None:
+            continue
+        rows.append([v, VARIANT_LABELS.get(v, v), _cell(c), frac(fr.get((f"{r}|{v}", f"{r}|same_arch_sft"))),
+                     _cell(comps.get((f"{r}|{v}_after_stage2", f"{r}|same_arch_sft_stage2_steps"))),
+                     frac(fr.get((f"{r}|{v}_after_stage2", f"{r}|same_arch_sft_stage2_steps"))),
+                     _cell(comps.get((f"{r}|{v}", f"{r}|genrecal_same_student"))), c["verdict"]])
+    if not rows:
+        return []
+    return md_table(["variant", "what changes", "a - SFT, 400 steps (points)", "fraction of logit KD's gain",
+                     "a - SFT, 200 steps (points)", "fraction of KD's first 200 steps' gain",
+                     "a - GenRecal, one student (points)", "verdict (a - SFT, 400 steps)"], rows)
+
+
+def trace_lines(result: dict) -> list[str]:
+    """The diagnosis through training of every traced run: the distillation share of the student's gradient, and
+    the Recalibrator path's first-answer-token accuracy (overall, by question type; student kept / scrambled)."""
+    rows = []
+    for run, d in result["analysis"]["diagnosis"].items():
+        if "mid_stage2" not in d:
+            continue
+        for stage, v in d.items():
+            by_type = [f"{100 * v[f'recal_acc_first_{t}']:.0f} / {100 * v[f'recal_acc_first_{t}_scrambled']:.0f}"
+                       if f"recal_acc_first_{t}" in v else "" for t in DIAG_TYPES]
+            rows.append([run_label(run), POINTS[stage], f"{v['grad_distill_share']:.2f}",
+                         f"{100 * v['recal_acc_first']:.0f} / {100 * v['recal_acc_first_scrambled']:.0f}", *by_type,
+                         f"{100 * v['recal_acc_later']:.0f} / {100 * v['recal_acc_later_scrambled']:.0f}"])
+    if not rows:
+        return []
+    return md_table(["run", "when", "distillation share of the student's gradient",
+                     "path accuracy, first answer token: kept / scrambled (%)",
+                     *(f"first token, {t}s (%)" for t in DIAG_TYPES), "later tokens (%)"], rows)
+
+
+DIAG_TYPES = ("caption", "cell", "count")  # the diagnosis batch's types with enough items to read (arithmetic: few)
 
 
 def by_type_lines(by_type: list[dict]) -> list[str]:
@@ -934,6 +1240,15 @@ def by_type_lines(by_type: list[dict]) -> list[str]:
         "", f"Items per question type (the same test items for every row of a regime): {n}."]
 
 
+def invocation_text(result: dict) -> str:
+    """Every invocation that trained blocks into this folder, and its wall time (each must stay within 90 min)."""
+    inv = result.get("invocations", [])
+    if len(inv) < 2:
+        return ""
+    return "Invocations that trained: " + "; ".join(
+        f"{i['runtime_seconds'] / 60:.1f} min for {', '.join(i['trained'])}" for i in inv) + ". "
+
+
 def write_report(result: dict, out: Path) -> str:
     plan = result["plan"]
     plot = write_plot(result, out)
@@ -947,7 +1262,7 @@ def write_report(result: dict, out: Path) -> str:
                + (" (an empty output folder: the whole study)" if blk["read_back"] == 0 else "")) if blk else ""
     L += [f"Generated by `{command_line(plan, out)}`; its last invocation took {result['runtime_seconds'] / 60:.1f} min "
           f"({result['jobs']} processes, one thread each{trained}; blocks already in `seeds/` are read back, not "
-          f"retrained). "
+          f"retrained). " + invocation_text(result) +
           f"Every row starts from the same warm start "
           f"(`data_samples/warm_start`); steps per stage {tuple(plan['steps'])}, student-only rows "
           f"{plan['steps'][1] + plan['steps'][2]} steps; batch {plan['batch_size']}; LR {plan['lr']} -> "
@@ -969,6 +1284,19 @@ def write_report(result: dict, out: Path) -> str:
           f"items repeat across seeds), detect a true gap of {100 * planned:.1f} points with 80% power at 5%. "
           "The MDE column gives the same figure from the measured variance components of each comparison.", ""]
     L += report_lines(result)
+    for title, lines, note in (
+            ("The paper's ablations", ablation_lines(result),
+             "Each ablation against the full method in the same regime, seeds and items (its reference is the regime "
+             "block's `genrecal` row of the same seed); KL only also at noise 0, where the paper saw a collapse. "
+             "Verdicts use the variant yardstick (a quarter of the regime's positive-control gain)."),
+            ("Our variants on one student", variant_lines(result),
+             "Ours, not the paper's: every row on the same-tokenizer student (the positive control's), at the "
+             "headline noise; the fraction is (a - SFT) over (logit KD - SFT) on that student, Fieller's interval."),
+            ("The diagnosis through training", trace_lines(result),
+             "Every traced run: at the end of stage 1 (= the start of stage 2), the middle and end of stage 2 (for a "
+             "run that distils through stage 3, at stage 2's own step counts), and at the end of the run. The first "
+             "answer token is the one the student's features must carry.\n\n![trace](trace.png)")):
+        L += ["", f"## {title}", "", note, ""] + lines if lines else []
     L += ["", "Intervals: the gap a - b per (seed, item) is modelled as grand mean + seed effect + item effect + "
           "residual (crossed random effects); the two-way ANOVA mean squares give the variance of the mean, "
           "Satterthwaite's degrees of freedom (df) a t interval, and p tests 'no gap' with the same t. A negative "
