@@ -632,6 +632,21 @@ def probe_budget(plan: Plan, budgets: list[int], out: str | Path, log=print) -> 
     return result
 
 
+def val_choices(val: dict) -> dict:
+    """The two choices made on a val run (`--eval-split val`) before the test split is read: the ablations' noise
+    (the regime where GenRecal - SFT is largest; the budget stays the study's) and the transfer variant to lead with
+    (the largest fraction of logit KD's gain on the same student). Every variant still runs on test."""
+    if val["plan"]["eval_split"] != "val":
+        raise ValueError("val_choices reads a val-split run only")
+    gaps = {c["b"].split("|")[0]: c["diff"] for c in val["analysis"]["comparisons"]
+            if c["a"].endswith("|genrecal") and c["b"].endswith("|sft") and not c["b"].startswith("posterior")}
+    fracs = {f["a"].split("|")[1]: f["ratio"] for f in val["analysis"].get("fractions", [])
+             if f["a"].split("|")[1] in TRANSFER_VARIANTS and f["a"].split("|")[1] != "genrecal_ss_traced"}
+    regime = max(gaps, key=gaps.get)
+    return {"ablation_rho": float(regime.removeprefix("noise")), "genrecal_minus_sft_by_regime": gaps,
+            "best_variant": max(fracs, key=fracs.get) if fracs else None, "variant_fractions": fracs}
+
+
 # -- analysis -----------------------------------------------------------------------------------------------------------
 def matrix(rows: list[dict], regime: str, method: str, seeds: list[int]) -> np.ndarray:
     """(seeds, items) 0/1 correctness of one method in one regime, seeds in the given order."""
@@ -876,12 +891,19 @@ def judge(comps: list[dict]) -> None:
 NOT_TESTABLE = [
     "depth 5-20 saturating at the depth-2 accuracy (a 2-layer student; differences of 0.3 points)",
     "data scale 1M -> 9M samples (here 1000 training samples)",
-    "the paper's ECE values (0.13 vs 0.21): not in these rows, trained before `evaluate` kept ECE (rows trained "
-    "since keep it; the rerun is planned in docs/method.md)",
-    "the 1.5-point depth-1 vs depth-2 effect: not run here. Paired like GenRecal - SFT, whose measured MDE is about "
-    "1.3 points at the fitting budget (1600 student steps, `results/transfer_long`) and 4.5 at 400 steps, it is "
-    "within reach of the fitting-budget design, not of the short one",
 ]
+
+
+def not_testable(result: dict) -> list[str]:
+    """What this study cannot test, given what it ran: the fixed list, plus ECE where rows lack it, plus depth 1
+    where the ablations block did not run."""
+    out = list(NOT_TESTABLE)
+    if any("ece" not in r for r in result["rows"]):
+        out.append("the paper's ECE values (0.13 vs 0.21) for the rows trained before `evaluate` kept ECE (the "
+                   "summary's ECE column is empty there)")
+    if not any(c["a"].endswith("|genrecal_depth1") for c in result["analysis"]["comparisons"]):
+        out.append("the 1.5-point depth-1 vs depth-2 effect: not run in this folder (the ablations block runs it)")
+    return out
 
 
 def _pts(x: float) -> str:
@@ -924,12 +946,11 @@ def write_plot(result: dict, out: Path) -> str:
     fig = plot_diagnosis(result)
     fig.savefig(out / "diagnosis.png", dpi=120)
     plt.close(fig)
-    fig = plot_by_type(result)
-    fig.savefig(out / "by_type.png", dpi=120)
-    plt.close(fig)
-    if (fig := plot_trace(result)) is not None:
-        fig.savefig(out / "trace.png", dpi=120)
-        plt.close(fig)
+    for name, fig in (("by_type.png", plot_by_type(result)), ("trace.png", plot_trace(result)),
+                      ("by_type_variants.png", plot_variants_by_type(result))):
+        if fig is not None:
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
     return "transfer.png"
 
 
@@ -955,7 +976,8 @@ def plot_trace(result: dict):
         ax.set_xticks(range(len(xs)), [POINTS[x].replace(" of ", "\nof ") for x in xs], fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    a1.set_ylim(0, 1)
+    top = max(v["grad_distill_share"] for d in runs.values() for v in d.values())
+    a1.set_ylim(0, max(1.0, 1.05 * top))  # above 1 where distillation pulls against the student's CE
     a2.set_ylim(0, 100)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
     return fig
@@ -971,13 +993,27 @@ BY_TYPE_SERIES = [  # (label, a, b, colour): what the by-question-type plot draw
 ]
 
 
-def plot_by_type(result: dict, regime: str | None = None):
-    """The headline regime's gains by question type: one group of bars per type, 95% crossed intervals."""
+VARIANT_BY_TYPE_SERIES = [  # our variants on the same-tokenizer student, each over that student's SFT
+    ("logit KD - SFT (positive control)", "same_tokenizer_kd", "same_arch_sft", "tab:green"),
+    ("GenRecal - SFT", "genrecal_same_student", "same_arch_sft", "tab:purple"),
+    ("answer embeddings - SFT", "genrecal_ss_embeddings", "same_arch_sft", "tab:gray"),
+    ("student's answer positions - SFT", "genrecal_ss_student_answers", "same_arch_sft", "tab:blue"),
+    ("distillation through stage 3 - SFT", "genrecal_ss_distill3", "same_arch_sft", "tab:brown"),
+    ("answer positions + stage 3 - SFT", "genrecal_ss_student_answers_distill3", "same_arch_sft", "tab:red"),
+]
+
+
+def plot_by_type(result: dict, regime: str | None = None, series: list | None = None, title: str = ""):
+    """The headline regime's gains by question type: one group of bars per type, 95% crossed intervals. `series`
+    (default `BY_TYPE_SERIES`) lists what to draw; None if none of it was run."""
     import matplotlib.pyplot as plt  # heavy: only the plots need it
     regime = regime or f"noise{result['plan']['headline_rho']:g}"
     got = {(c["a"], c["b"], c["type"]): c for c in result["analysis"].get("by_question_type", [])}
     types = [t for t in QUESTION_TYPES if any(k[2] == t and k[0].startswith(f"{regime}|") for k in got)]
-    series = [x for x in BY_TYPE_SERIES if any((f"{regime}|{x[1]}", f"{regime}|{x[2]}", t) in got for t in types)]
+    series = [x for x in (series or BY_TYPE_SERIES)
+              if any((f"{regime}|{x[1]}", f"{regime}|{x[2]}", t) in got for t in types)]
+    if not series:
+        return None
     fig, ax = plt.subplots(figsize=(9.6, 4.8), layout="constrained")
     width = 0.8 / max(len(series), 1)
     for k, (label, a, b, color) in enumerate(series):
@@ -990,10 +1026,17 @@ def plot_by_type(result: dict, regime: str | None = None):
     n = {t: next(c["items"] for k, c in got.items() if k[2] == t and k[0].startswith(f"{regime}|")) for t in types}
     ax.set_xticks(range(len(types)), [f"{t}\n({n[t]} items)" for t in types])
     ax.set_ylabel("accuracy gain (points), 95% CI")
-    ax.set_title(f"{regime.replace('noise', 'label noise ')}: gains by question type")
+    ax.set_title(f"{regime.replace('noise', 'label noise ')}: gains by question type{title}")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(fontsize=9, loc="outside lower center", ncol=2, frameon=False)
     return fig
+
+
+def plot_variants_by_type(result: dict):
+    """Our variants' gains by question type, on the same-tokenizer student (None if the block did not run)."""
+    if not any(r["method"] in TRANSFER_VARIANTS for r in result["rows"]):
+        return None
+    return plot_by_type(result, series=VARIANT_BY_TYPE_SERIES, title=", our variants on one student")
 
 
 VARIANT_LABELS = {"genrecal": "GenRecal", "genrecal_recal_frozen": "GenRecal, Recalibrator frozen",
@@ -1104,9 +1147,9 @@ def report_lines(result: dict) -> list[str]:
         post = [f"{s['posterior_nll']:.3f}", f"{100 * s['posterior_jsd']:.2f}"] if "posterior_nll" in s else ["", ""]
         rows.append([regime, method, f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}",
                      f"{100 * s['train_acc_own_labels']:.1f}", f"{100 * s['train_acc_clean_labels']:.1f}",
-                     f"{100 * s['jsd_teacher']:.2f}", *post])
+                     f"{100 * s['jsd_teacher']:.2f}", f"{s['ece']:.3f}" if "ece" in s else "", *post])
     L = md_table(["regime", "method", "accuracy (%)", "train acc, own labels (%)", "train acc, clean labels (%)",
-                  "JSD x100 to the teacher", "NLL vs true posterior", "JSD x100 vs true posterior"], rows)
+                  "JSD x100 to the teacher", "ECE", "NLL vs true posterior", "JSD x100 vs true posterior"], rows)
     rows = [[f"{run_label(c['a'])} - {run_label(c['b'])}", c["what"], f"{c['seeds']} x {c['items']}", _pts(c["diff"]),
              f"[{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]", f"{c['df']:.0f}", f"{c['p']:.2g}", f"{100 * c['mde']:.1f}",
              "none" if c["yardstick"] is None else f"{100 * c['yardstick']:.1f}", c["verdict"], c["vs_paper_gap"]]
@@ -1161,7 +1204,7 @@ def ablation_lines(result: dict) -> list[str]:
             ece = lambda m: summ.get(f"{regime}|{m}", {}).get("ece")  # noqa: E731
             paper = PAPER_ABLATIONS[a]
             rows.append([regime, a, _cell(c2), _cell(c3), f"{100 * c3['mde']:.1f}", c3["verdict"],
-                         "" if ece(a) is None else f"{ece(a):.3f} / {ece('genrecal'):.3f}",
+                         "" if None in (ece(a), ece("genrecal")) else f"{ece(a):.3f} / {ece('genrecal'):.3f}",
                          f"{paper[0] - paper[1]:+.1f} ({paper[0]} vs {paper[1]})"])
     if not rows:
         return []
@@ -1283,6 +1326,16 @@ def write_report(result: dict, out: Path) -> str:
           f"{100 * PLANNED_SEED_SD:.0f} points and an item-to-item sd of {100 * PLANNED_ITEM_SD:.0f} points (the same "
           f"items repeat across seeds), detect a true gap of {100 * planned:.1f} points with 80% power at 5%. "
           "The MDE column gives the same figure from the measured variance components of each comparison.", ""]
+    if plan["eval_split"] == "val" and not plan["quick"]:
+        ch = val_choices(result)
+        (out / "choices.json").write_text(json.dumps(ch, indent=1) + "\n")
+        gaps = ", ".join(f"{k} {_pts(v)}" for k, v in ch["genrecal_minus_sft_by_regime"].items())
+        fr = ", ".join(f"{k} {100 * v:.0f}%" for k, v in ch["variant_fractions"].items())
+        L += ["## Choices made on this val run (`choices.json`)", "",
+              f"- The paper's ablations run at label noise {ch['ablation_rho']:g}, the regime where GenRecal - SFT is "
+              f"largest here ({gaps} points), at the study's 400-step budget.",
+              f"- The transfer variant to lead with: `{ch['best_variant']}`, the largest fraction of logit KD's gain on "
+              f"the same student ({fr}). Every variant still runs on test and is reported.", ""]
     L += report_lines(result)
     for title, lines, note in (
             ("The paper's ablations", ablation_lines(result),
@@ -1291,7 +1344,8 @@ def write_report(result: dict, out: Path) -> str:
              "Verdicts use the variant yardstick (a quarter of the regime's positive-control gain)."),
             ("Our variants on one student", variant_lines(result),
              "Ours, not the paper's: every row on the same-tokenizer student (the positive control's), at the "
-             "headline noise; the fraction is (a - SFT) over (logit KD - SFT) on that student, Fieller's interval."),
+             "headline noise; the fraction is (a - SFT) over (logit KD - SFT) on that student, Fieller's interval.\n\n"
+             "![our variants by question type](by_type_variants.png)"),
             ("The diagnosis through training", trace_lines(result),
              "Every traced run: at the end of stage 1 (= the start of stage 2), the middle and end of stage 2 (for a "
              "run that distils through stage 3, at stage 2's own step counts), and at the end of the run. The first "
@@ -1313,7 +1367,7 @@ def write_report(result: dict, out: Path) -> str:
           "MDE of GenRecal - SFT. A regime where the control does not hold gives no yardstick. The last column "
           f"places each interval against the paper's GenRecal - SFT gap ({100 * PAPER_GAP:.1f} points), for "
           "reference only.", "",
-          "## Not testable at this scale", ""] + [f"- {x}" for x in NOT_TESTABLE]
+          "## Not testable at this scale", ""] + [f"- {x}" for x in not_testable(result)]
     text = "\n".join(L) + "\n"
     (out / "README.md").write_text(text)
     return text
