@@ -76,8 +76,29 @@ def test_the_study_reports_keep_their_columns(folder):
     head = [h.strip() for h in diag[0].strip("|").split("|")]
     run, d = next(iter(res["analysis"]["diagnosis"].items()))
     first = [x.strip() for x in diag[2].strip().strip("|").split("|")]
-    assert first[head.index("after stage")] == "1" and first[0] == run_label(run)
+    assert first[head.index("when")] == "end of stage 1" and first[0] == run_label(run)
     assert first[head.index("grad_ce_student")] == f"{d['after_stage1']['grad_ce_student']:.3g}"
+
+
+def test_the_ablation_variant_and_trace_tables_keep_their_columns():
+    """The paper's ablations (two tables), our variants and the trace: the right width, and a hand-read cell of each
+    under its heading."""
+    res = json.loads((ROOT / "results" / "transfer" / "transfer.json").read_text())
+    abl, var, trace = transfer.ablation_lines(res), transfer.variant_lines(res), transfer.trace_lines(res)
+    tables = tables_in("\n".join(abl + [""] + var + [""] + trace))
+    assert len(tables) == 4 and not any(bad_rows(t) for t in tables)
+    cell = lambda t, col, row=2: [x.strip() for x in t[row].strip("|").split("|")][  # noqa: E731
+        [h.strip() for h in t[0].strip("|").split("|")].index(col)]
+    comps = {(c["a"], c["b"]): c for c in res["analysis"]["comparisons"]}
+    c = comps[("noise0.5|genrecal", "noise0.5|genrecal_no_reg")]  # the first ablation row
+    assert cell(tables[0], "ablation (b)") == "genrecal_no_reg" and cell(tables[0], "verdict (after stage 3)") == c["verdict"]
+    assert cell(tables[0], "GenRecal - b after stage 3 (points)").startswith(f"{100 * c['diff']:+.1f} [")
+    c = comps[("noise0.5|genrecal_ss_embeddings", "noise0.5|same_arch_sft")]  # the second variant row
+    assert cell(tables[2], "variant", 3) == "genrecal_ss_embeddings"
+    assert cell(tables[2], "a - SFT, 400 steps (points)", 3).startswith(f"{100 * c['diff']:+.1f} [")
+    d = res["analysis"]["diagnosis"]["noise0.5|genrecal_no_reg"]["mid_stage2"]
+    assert cell(tables[3], "when", 3) == "middle of stage 2"
+    assert cell(tables[3], "distillation share of the student's gradient", 3) == f"{d['grad_distill_share']:.2f}"
 
 
 def test_every_shipped_markdown_table_keeps_its_columns():

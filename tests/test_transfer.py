@@ -97,7 +97,7 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     for c in res["analysis"]["comparisons"]:  # every comparison: a crossed interval, a kind, a yardstick, a verdict
         assert c["seeds"] == 2 and c["items"] == plan.n_test and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
         assert c["kind"] in ("control", "control on GenRecal's schedule", "transfer", "variant", "architecture",
-                             "stage-wise") \
+                             "stage-wise", "ablation") \
             and c["verdict"]
         assert c["yardstick"] is None or c["yardstick"] > 0
     assert {f.name for f in (tmp_path / "seeds").iterdir()} == {f"seed{s}_{b}.json" for s in (0, 1) for b in T.blocks(plan)}
@@ -206,6 +206,8 @@ def test_committed_study_matches_its_reports():
     report = (out / "README.md").read_text()
     for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res)):
         assert lines and "\n".join(lines) in report  # the paper's ablations, our variants, the trace: all in it
+    for lines in (T.ablation_lines(res), T.variant_lines(res)):
+        assert "\n".join(lines) in readme, "README's ablation or variant table differs from the study"
     assert all(line in readme for line in T.headline_lines(res)), "README's transfer table differs from the study"
     assert all(line in readme for line in T.mechanism_lines(res)), "README's diagnosis table differs from the study"
     cells = json.loads((ROOT / "notebooks" / "06_evaluation_and_ablations.ipynb").read_text())["cells"]
