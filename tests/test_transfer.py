@@ -270,4 +270,7 @@ def test_the_longer_budget_rerun_matches_its_reports():
     # both noisy regimes, and at this budget SFT fits its own (noisy) training set on every seed
     assert {r["regime"] for r in res["rows"]} == {"noise0.3", "noise0.5"}
     assert all(r["train_acc_own_labels"] >= 0.99 for r in res["rows"] if r["method"] == "sft")
-    assert res["blocks"]["total"] == 12
+    assert res["blocks"]["total"] == 18  # 2 regimes and the one-student block, 6 seeds each
+    assert all(i["runtime_seconds"] <= 90 * 60 for i in res["invocations"])  # each invocation within 90 minutes
+    assert all(f"**{i['runtime_seconds'] / 60:.1f} min**" in readme for i in res["invocations"][1:])
+    assert {r["method"] for r in res["rows"]} >= set(T.SAME_STUDENT)

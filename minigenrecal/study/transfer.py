@@ -434,7 +434,7 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
 # -- one student and one schedule for the headline comparison ---------------------------------------------------------
 SAME_STUDENT = {  # the rows of the `_same_student` block: every one on the same-tokenizer student, from its warm start
     "genrecal_same_student": "GenRecal stages 1-3, the teacher's head read through the Recalibrator",
-    "genrecal_same_student_after_stage2": "the same run, evaluated after stage 2 (200 student steps)",
+    "genrecal_same_student_after_stage2": "the same run, evaluated after stage 2 (stage 2's student steps)",
     "kd_genrecal_schedule": "logit KD on GenRecal's schedule: KD + CE for stage 2's steps, then CE for stage 3's",
     "kd_genrecal_schedule_after_stage2": "the same run, evaluated after its KD half",
     "same_arch_sft_stage2_steps": "SFT for stage 2's steps only (the after-stage-2 rows' student steps)",
@@ -698,17 +698,17 @@ def ablation_comparisons(names, stagewise: bool = True) -> list[tuple[str, str, 
         out += [("genrecal_after_stage2", "warm_start", "stage-wise: after stage 2 - after stage 1 (= the warm start)"),
                 ("genrecal", "genrecal_after_stage2", "stage-wise: after stage 3 - after stage 2"),
                 ("genrecal_after_stage2", "sft_stage2_steps", "cross student, after stage 2: GenRecal - SFT at the "
-                                                              "same 200 student steps")]
+                                                              "same student steps")]
     return out
 
 
 def variant_comparisons() -> list[tuple[str, str, str]]:
-    """(a, b, what): each of our variants on the same-tokenizer student against its SFT (at the end and after 200
+    """(a, b, what): each of our variants on the same-tokenizer student against its SFT (at the end and after stage 2's
     student steps) and against the method on that student."""
     out = []
     for v in TRANSFER_VARIANTS:
         out += [(v, "same_arch_sft", f"ours, one student: {v} - SFT"),
-                (f"{v}_after_stage2", "same_arch_sft_stage2_steps", f"ours, one student, 200 steps: {v} - SFT")]
+                (f"{v}_after_stage2", "same_arch_sft_stage2_steps", f"ours, one student, after stage 2's steps: {v} - SFT")]
         out += [] if v == "genrecal_ss_traced" else [(v, "genrecal_same_student", f"ours: {v} - GenRecal (one student)")]
     return out
 
@@ -718,10 +718,10 @@ SAME_STUDENT_COMPARISONS = [  # (a, b, what): the `_same_student` block's compar
     ("kd_genrecal_schedule", "same_arch_sft", "one student: logit KD on GenRecal's schedule - SFT"),
     ("genrecal_same_student", "kd_genrecal_schedule", "one student, one schedule: GenRecal - logit KD"),
     ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps",
-     "one student, after stage 2: GenRecal - SFT at the same 200 student steps"),
+     "one student, after stage 2: GenRecal - SFT at the same student steps"),
     ("kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps",
-     "one student, after the KD half: logit KD - SFT at the same 200 student steps"),
-    ("genrecal_after_stage2", "sft_stage2_steps", "cross student, after stage 2: GenRecal - SFT at the same 200 steps"),
+     "one student, after the KD half: logit KD - SFT at the same student steps"),
+    ("genrecal_after_stage2", "sft_stage2_steps", "cross student, after stage 2: GenRecal - SFT at the same student steps"),
 ]
 SAME_STUDENT_FRACTIONS = [  # (a, b, control a, control b): GenRecal's gain over the control's, on one student
     ("genrecal_same_student", "same_arch_sft", "same_tokenizer_kd", "same_arch_sft"),
@@ -783,10 +783,10 @@ def analyse(result: dict) -> dict:
         done = {(c["a"], c["b"]) for c in comps}
         for v in TRANSFER_VARIANTS:
             for a, b, ca, cb, design in ((v, "same_arch_sft", "same_tokenizer_kd", "same_arch_sft", "one student, "
-                                          "over logit KD at every step (400 steps)"),
+                                          "over logit KD at every step (all student steps)"),
                                          (f"{v}_after_stage2", "same_arch_sft_stage2_steps",
                                           "kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps",
-                                          "one student, after 200 student steps, over logit KD's first 200")):
+                                          "one student, after stage 2's student steps, over logit KD's KD half")):
                 if (f"{r}|{a}", f"{r}|{b}") in done and (f"{r}|{ca}", f"{r}|{cb}") in done:
                     fracs.append(fraction(rows, f"{r}|{a}", f"{r}|{b}", f"{r}|{ca}", f"{r}|{cb}", design))
     diag = {}
@@ -1170,7 +1170,7 @@ def report_lines(result: dict) -> list[str]:
     L += [""] + md_table(["comparison (a - b)", "what it measures", "seeds x items", "diff (points)", "95% CI (points)",
                           "df", "p", "MDE (points)", "yardstick (points)", "verdict", "vs the paper's 7.2"], rows)
     if an.get("fractions"):
-        end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
         rows = [[f"{run_label(f['a'])} - {run_label(f['b'])}", run_label(f["control"]),
                  f.get("design", "cross student over the same-tokenizer student's control"),
                  f"{100 * f['ratio']:.0f}%", f"[{end(f['ci95'][0])}, {end(f['ci95'][1])}]"]
@@ -1227,7 +1227,7 @@ def ablation_lines(result: dict) -> list[str]:
     order = [(f"{r}|genrecal_after_stage2", f"{r}|warm_start", "after stage 2 - after stage 1 (the warm start)",
               "+7.3 (74.3 vs 67.0)"),
              (f"{r}|genrecal", f"{r}|genrecal_after_stage2", "after stage 3 - after stage 2", "+2.1 (76.4 vs 74.3)"),
-             (f"{r}|genrecal_after_stage2", f"{r}|sft_stage2_steps", "after stage 2 - SFT at the same 200 steps", "")]
+             (f"{r}|genrecal_after_stage2", f"{r}|sft_stage2_steps", f"after stage 2 - SFT at the same {plan['steps'][1]} steps", "")]
     rows = [[r, what, _cell(comps[(a, b)]), f"{100 * comps[(a, b)]['mde']:.1f}", comps[(a, b)]["verdict"], paper]
             for a, b, what, paper in order if (a, b) in comps]
     return L + [""] + md_table(["regime", "stage-wise (GenRecal)", "gap (points)", "MDE (points)", "verdict",
@@ -1235,13 +1235,13 @@ def ablation_lines(result: dict) -> list[str]:
 
 
 def variant_lines(result: dict) -> list[str]:
-    """Our variants on the same-tokenizer student: each minus that student's SFT at the end (400 steps) and after
-    200 student steps, minus the method on that student, and the fraction of logit KD's gain it recovers."""
+    """Our variants on the same-tokenizer student: each minus that student's SFT at the end (all student steps) and
+    after stage 2's, minus the method on that student, and the fraction of logit KD's gain it recovers."""
     an, plan = result["analysis"], result["plan"]
     r = f"noise{plan['headline_rho']:g}"
     comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
     fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
-    end = lambda x: "open" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
     frac = lambda f: "" if f is None else f"{100 * f['ratio']:.0f}% [{end(f['ci95'][0])}, {end(f['ci95'][1])}]"  # noqa: E731
     rows = []
     for v in TRANSFER_VARIANTS:
@@ -1254,9 +1254,10 @@ def variant_lines(result: dict) -> list[str]:
                      _cell(comps.get((f"{r}|{v}", f"{r}|genrecal_same_student"))), c["verdict"]])
     if not rows:
         return []
-    return md_table(["variant", "what changes", "a - SFT, 400 steps (points)", "fraction of logit KD's gain",
-                     "a - SFT, 200 steps (points)", "fraction of KD's first 200 steps' gain",
-                     "a - GenRecal, one student (points)", "verdict (a - SFT, 400 steps)"], rows)
+    n2, n = plan["steps"][1], plan["steps"][1] + plan["steps"][2]
+    return md_table(["variant", "what changes", f"a - SFT, {n} steps (points)", "fraction of logit KD's gain",
+                     f"a - SFT, {n2} steps (points)", f"fraction of KD's first {n2} steps' gain",
+                     "a - GenRecal, one student (points)", f"verdict (a - SFT, {n} steps)"], rows)
 
 
 def trace_lines(result: dict) -> list[str]:
