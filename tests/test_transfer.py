@@ -90,7 +90,9 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
         if r["method"] in traced:
             assert list(r["diagnosis"]) == ["after_stage1", "mid_stage2", "after_stage2", "after_stage3"]
             assert {f"recal_acc_first_{t}" for t in ("caption", "cell", "count")} <= r["diagnosis"]["mid_stage2"].keys()
-    n_ablation = 2 * len(T.ABLATIONS) + 3  # after stages 2 and 3 each; the stage-wise ordering
+    # after stages 2 and 3 each; the stage-wise ordering (3, one of them also a one-student comparison: listed once)
+    n_ablation = 2 * len(T.ABLATIONS) + 2
+    assert len({(c["a"], c["b"]) for c in res["analysis"]["comparisons"]}) == len(res["analysis"]["comparisons"])
     n_variants = 3 * len(T.TRANSFER_VARIANTS) - 1  # 400 and 200 steps against SFT; against the method (not itself)
     assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + len(T.SAME_STUDENT_COMPARISONS) + 6 \
         + n_ablation + n_variants

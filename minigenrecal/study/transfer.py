@@ -684,7 +684,8 @@ def comparisons(plan: Plan, posterior: bool = False) -> list[tuple[str, str, str
             out += [(r, a, r, b, what) for a, b, what in ablation_comparisons(["genrecal_kl_only"], stagewise=False)]
         if plan.transfer_variants and rho == plan.headline_rho:
             out += [(r, a, r, b, what) for a, b, what in variant_comparisons()]
-    return out
+    seen = set()  # a pair two blocks both ask for (the cross student after stage 2 vs SFT at its steps) is listed once
+    return [c for c in out if c[:4] not in seen and not seen.add(c[:4])]
 
 
 def ablation_comparisons(names, stagewise: bool = True) -> list[tuple[str, str, str]]:
@@ -975,7 +976,7 @@ def plot_trace(result: dict):
     runs = {r: d for r, d in result["analysis"]["diagnosis"].items() if "mid_stage2" in d}
     if not runs:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4.6), layout="constrained")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 4.8), layout="constrained")  # within the 1000-px output area
     xs = list(POINTS)
     for k, (run, d) in enumerate(runs.items()):
         pts = [x for x in xs if x in d]

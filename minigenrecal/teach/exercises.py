@@ -503,10 +503,11 @@ def _reg_reference(recal, z_qs, t):
     z_s = nn.utils.rnn.pad_sequence(list(z_qs), batch_first=True)  # (B, Lq_s max, d_s)
     view = type("StudentView", (), {"model": nn.Identity(), "body": lambda self, batch: z_s})()
     cfg = stages.StageConfig(reg=True)
-    with mock.patch.object(stages, "recal_path", spy):
+    no_head = lambda h, z_t, labels, head, tau: (torch.zeros(()), torch.zeros(()))  # noqa: E731 (the main path's loss)
+    with mock.patch.object(stages, "recal_path", spy), mock.patch.object(stages, "head_losses", no_head):
         stages.GenRecal(view, recal, None)(1, {"q_lens": torch.tensor([len(q) for q in z_qs])}, t, cfg)
-    assert len(seen) == 2 and len(seen[0]) == B  # [main path input, regularization path input]
-    return seen[1]
+    assert len(seen) == 1 and len(seen[0]) == B  # the regularization path's input (the main path reads main_rows)
+    return seen[0]
 
 
 def check_reg_input(fn, strict: bool = False) -> Result:
