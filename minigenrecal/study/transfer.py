@@ -295,16 +295,14 @@ def run_genrecal(ctx: Context, seed: int, noisy: list[Sample], knobs: dict, afte
         if after2 is not None:
             after2(student)
 
+    last = max(plan_)  # 2 when distillation runs through stage 3's steps
     callbacks = [AfterStage(lambda st: (diagnosis("after_stage1")(st), after1 and after1(student)) if st.stage == 1
-                            else None)]
+                            else None),
+                 AtStep(2, {s2}, at_stage2_end) if last == 2 else  # stage 2's own step count, mid-run
+                 AfterStage(lambda st: at_stage2_end(st) if st.stage == 2 else None)]
     if knobs.get("trace"):
-        callbacks.append(AtStep(2, {s2 // 2}, diagnosis("mid_stage2")))
-    if knobs.get("distill_stage3"):
-        callbacks.append(AtStep(2, {s2}, at_stage2_end))
-        callbacks.append(AfterStage(lambda st: knobs.get("trace") and st.stage == 2 and diagnosis("after_stage3")(st)))
-    else:
-        callbacks.append(AfterStage(lambda st: at_stage2_end(st) if st.stage == 2 else None))
-        callbacks.append(AfterStage(lambda st: knobs.get("trace") and st.stage == 3 and diagnosis("after_stage3")(st)))
+        callbacks += [AtStep(2, {s2 // 2}, diagnosis("mid_stage2")),
+                      AfterStage(lambda st: st.stage == last and diagnosis("after_stage3")(st))]
     run_stages(plan_, student, data, teacher, recal, seed=seed, answer_input=answer_input, progress=False,
                callbacks=callbacks, engine=engine)
     return student, diag
