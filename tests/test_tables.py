@@ -112,3 +112,19 @@ def test_every_shipped_markdown_table_keeps_its_columns():
 def test_viz_markdown_table_uses_the_checked_writer():
     text = viz.markdown_table([{"regime": "noise0.5|x", "acc (%)": 41.25}], digits=1)
     assert text.splitlines()[2] == r"| noise0.5\|x | 41.2 |"
+
+
+def test_the_gold_table_keeps_its_columns():
+    """TRL's GOLD beside SFT and GenRecal: one row per GOLD loss, then the two references, each cell under its heading."""
+    res = json.loads((ROOT / "results" / "transfer" / "transfer.json").read_text())
+    (table,) = tables_in("\n".join(transfer.gold_lines(res)))
+    assert not bad_rows(table) and len(table) == 2 + len(transfer.GOLD_ROWS) + 2
+    head = [h.strip() for h in table[0].strip("|").split("|")]
+    rows = [[x.strip() for x in t.strip("|").split("|")] for t in table[2:]]
+    assert [r[0] for r in rows] == [*transfer.GOLD_ROWS, "sft", "genrecal"]
+    comps = {(c["a"], c["b"]): c for c in res["analysis"]["comparisons"]}
+    c = comps[("noise0.5|gold_uld", "noise0.5|sft")]
+    assert rows[0][head.index("a - SFT, 400 steps (points)")].startswith(f"{100 * c['diff']:+.1f} [")
+    assert rows[0][head.index("verdict (a - SFT)")] == c["verdict"]
+    s = res["analysis"]["summary"]["noise0.5|sft"]
+    assert rows[2][head.index("accuracy (%)")] == f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}"

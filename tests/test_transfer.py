@@ -73,6 +73,7 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
                                                                         *T.SAME_STUDENT)]
     traced = [*T.ABLATIONS, *T.TRANSFER_VARIANTS]  # the quick plan's ablations run at its one noise level, 0.5
     noise += [("noise0.5", m) for m in ("warm_start", "sft_stage2_steps", *traced, *(f"{v}_after_stage2" for v in traced))]
+    noise += [("noise0.5", g) for g in T.GOLD_ROWS]  # TRL's GOLD on the cross student
     post = [("posterior", m) for m in ("sft", "same_arch_sft", "same_tokenizer_kd", "seq_kd", "oracle", "genrecal",
                                        "genrecal_after_stage2")]
     assert got == {(r, m, s) for r, m in noise + post for s in (0, 1)}
@@ -94,8 +95,9 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     n_ablation = 2 * len(T.ABLATIONS) + 2
     assert len({(c["a"], c["b"]) for c in res["analysis"]["comparisons"]}) == len(res["analysis"]["comparisons"])
     n_variants = 3 * len(T.TRANSFER_VARIANTS) - 1  # 400 and 200 steps against SFT; against the method (not itself)
+    n_gold = 2 * len(T.GOLD_ROWS)  # each against SFT and against GenRecal
     assert len(res["analysis"]["comparisons"]) == 5 + 2 * len(T.VARIANTS) + len(T.SAME_STUDENT_COMPARISONS) + 6 \
-        + n_ablation + n_variants
+        + n_ablation + n_variants + n_gold
     for c in res["analysis"]["comparisons"]:  # every comparison: a crossed interval, a kind, a yardstick, a verdict
         assert c["seeds"] == 2 and c["items"] == plan.n_test and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
         assert c["kind"] in ("control", "control on GenRecal's schedule", "transfer", "variant", "architecture",
@@ -105,7 +107,10 @@ def test_quick_transfer_study_end_to_end(tmp_path, monkeypatch):
     assert {f.name for f in (tmp_path / "seeds").iterdir()} == {f"seed{s}_{b}.json" for s in (0, 1) for b in T.blocks(plan)}
     text = (tmp_path / "README.md").read_text()
     assert "\n".join(T.report_lines(res)) in text and (tmp_path / "transfer.png").exists()
-    for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res)):  # each section, whole, in order
+    for r in res["rows"]:  # GOLD trained the quick plan's student-only budget (its own log's last step)
+        if r["method"] in T.GOLD_ROWS:
+            assert r["gold_log"][-1]["step"] == plan.steps[1] + plan.steps[2]
+    for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res), T.gold_lines(res)):  # each, whole
         assert lines and "\n".join(lines) in text
     assert (tmp_path / "trace.png").exists()
     saved = json.loads((tmp_path / "transfer.json").read_text())
@@ -206,24 +211,25 @@ def test_committed_study_matches_its_reports():
     assert all(f"**{i['runtime_seconds'] / 60:.1f} min**" in readme for i in inv)
     assert f"its last invocation took {res['runtime_seconds'] / 60:.1f} min" in (out / "README.md").read_text()
     report = (out / "README.md").read_text()
-    for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res)):
-        assert lines and "\n".join(lines) in report  # the paper's ablations, our variants, the trace: all in it
-    for lines in (T.ablation_lines(res), T.variant_lines(res)):
-        assert "\n".join(lines) in readme, "README's ablation or variant table differs from the study"
+    for lines in (T.ablation_lines(res), T.variant_lines(res), T.trace_lines(res), T.gold_lines(res)):
+        assert lines and "\n".join(lines) in report  # the paper's ablations, our variants, the trace, GOLD: all in it
+    for lines in (T.ablation_lines(res), T.variant_lines(res), T.gold_lines(res)):
+        assert "\n".join(lines) in readme, "README's ablation, variant or GOLD table differs from the study"
     assert all(line in readme for line in T.headline_lines(res)), "README's transfer table differs from the study"
     assert all(line in readme for line in T.mechanism_lines(res)), "README's diagnosis table differs from the study"
     cells = json.loads((ROOT / "notebooks" / "06_evaluation_and_ablations.ipynb").read_text())["cells"]
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert 'assert "\\n".join(lines) in (T_DIR / "README.md").read_text()' in code  # notebook 06 asserts the same
     assert "lines = transfer.report_lines(study)" in code
-    for f in ("ablation_lines", "variant_lines", "trace_lines"):  # and shows each new table, checked the same way
-        assert f"{f}(study)" in code
-    assert code.count('in (T_DIR / "README.md").read_text()') >= 4
+    for f in ("ablation_lines", "variant_lines", "trace_lines", "gold_lines"):  # and shows each new table, checked
+        assert f"{f}(study)" in code                                             # the same way
+    assert code.count('in (T_DIR / "README.md").read_text()') >= 5
 
 
 def test_the_ablation_noise_and_the_lead_variant_were_chosen_on_val():
     """results/transfer_val: a val-split run (seeds disjoint from test's) whose analysis is recomputed from its rows
-    and whose choices (the ablations' noise, the variant to lead with) are what the test study and README use."""
+    and whose choices (the ablations' noise, the variant and the GOLD row to lead with) are what the test study and
+    README use."""
     from minigenrecal.study import transfer as T
     from minigenrecal.models.tiny import ROOT
     val = json.loads((ROOT / "results" / "transfer_val" / "transfer.json").read_text())
@@ -235,6 +241,8 @@ def test_the_ablation_noise_and_the_lead_variant_were_chosen_on_val():
     assert res["plan"]["ablation_rho"] == ch["ablation_rho"] == T.Plan(seeds=[0]).ablation_rho
     assert ch["genrecal_minus_sft_by_regime"][f"noise{ch['ablation_rho']:g}"] == max(ch["genrecal_minus_sft_by_regime"].values())
     assert ch["best_variant"] in T.TRANSFER_VARIANTS and f"`{ch['best_variant']}`" in (ROOT / "README.md").read_text()
+    assert ch["gold_row"] in T.GOLD_ROWS and f"`{ch['gold_row']}`" in (ROOT / "README.md").read_text()
+    assert val["plan"]["gold"] and res["plan"]["gold"]  # GOLD's two rows ran on val, then both on test
     with pytest.raises(ValueError, match="val"):
         T.val_choices(res)
 

@@ -78,6 +78,8 @@ def add_transfer_command(sub) -> None:
     r.add_argument("--no-transfer-variants", action="store_true",
                    help="skip our variants on the same-tokenizer student (no leak, the student's own answer "
                         "positions, distillation through stage 3)")
+    r.add_argument("--no-gold", action="store_true",
+                   help="skip TRL's GOLD (ULD and hybrid losses) on the cross student, in the headline regime")
     r.add_argument("--steps", type=int, nargs=3, default=[100, 200, 200], metavar=("S1", "S2", "S3"),
                    help="steps of stages 1, 2, 3 (student-only rows get S2 + S3); default 100 200 200")
     r.add_argument("--tune-lr", type=float, nargs="+", default=None,
@@ -110,7 +112,8 @@ def add_transfer_command(sub) -> None:
                                                          posterior=not a.no_posterior, bounds=not a.no_bounds,
                                                          same_student=not a.no_same_student, steps=tuple(a.steps),
                                                          ablations=not a.no_ablations, ablation_rho=a.ablation_rho,
-                                                         transfer_variants=not a.no_transfer_variants)
+                                                         transfer_variants=not a.no_transfer_variants,
+                                                         gold=not a.no_gold)
         if a.probe_budget:
             probe_budget(plan, a.probe_budget, out)
             return

@@ -55,9 +55,10 @@ from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
 from minigenrecal.study import stats
 from minigenrecal.study.baselines import train_baseline
+from minigenrecal.study.gold import GOLD_ROWS, choose_gold, train_gold
 from minigenrecal.study.tables import md_table, run_label
 from minigenrecal.study.variants import StudentAnswers
-from minigenrecal.study.warmstart import load_warm_start
+from minigenrecal.study.warmstart import WARM_DIR, load_warm_start
 
 DATA_SEED = 0
 TEACHER_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "tiny_teacher"
@@ -97,6 +98,7 @@ class Plan:
     ablations: bool = False  # the paper's ablations (`ABLATIONS`) at `ablation_rho`, chosen on val
     ablation_rho: float = 0.5  # chosen on val (results/transfer_val): the noise where GenRecal - SFT is largest
     transfer_variants: bool = False  # our variants on the same-tokenizer student (`TRANSFER_VARIANTS`), headline regime
+    gold: bool = False  # TRL's GOLD on the cross student (`study/gold.py`), headline regime
     oracle_draws: int = 16  # posterior draws per training sample for the oracle
     quick: bool = False
 
@@ -111,7 +113,7 @@ class Plan:
 def quick_plan(seeds: list[int]) -> Plan:
     return Plan(seeds=seeds[:2], rhos=[0.5], n_train=24, n_test=16, n_dist=8, n_train_eval=8, steps=(2, 3, 3),
                 batch_size=8, oracle_draws=2, quick=True, same_student=True, ablations=True, ablation_rho=0.5,
-                transfer_variants=True)
+                transfer_variants=True, gold=True)
 
 
 # -- seed-independent state --------------------------------------------------------------------------------------
@@ -350,7 +352,8 @@ def blocks(plan: Plan) -> list[str]:
     out += [f"noise{rho:g}" for rho in plan.rhos if rho != plan.headline_rho]
     out += ["posterior"] if plan.posterior and POSTERIOR_TEACHER_DIR.exists() else []
     out += [f"noise{plan.ablation_rho:g}_ablations"] if plan.ablations and plan.ablation_rho in plan.rhos else []
-    return out + ([f"{head}_transfer"] if plan.transfer_variants and plan.headline_rho in plan.rhos else [])
+    out += [f"{head}_transfer"] if plan.transfer_variants and plan.headline_rho in plan.rhos else []
+    return out + ([f"{head}_gold"] if plan.gold and plan.headline_rho in plan.rhos else [])
 
 
 def block_path(out: Path, seed: int, block: str) -> Path:
@@ -414,6 +417,8 @@ def run_block(ctx: Context, block: str, seed: int, log=print) -> list[dict]:
         ablation_rows(ctx, block.removesuffix("_ablations"), seed, add)
     elif block.endswith("_transfer"):
         transfer_variant_rows(ctx, block.removesuffix("_transfer"), seed, add)
+    elif block.endswith("_gold"):
+        gold_rows(ctx, block.removesuffix("_gold"), seed, add)
     elif block == "seq_kd":
         regime_rows(None, ctx.train, ["seq_kd"], {})
     elif block == "posterior":
@@ -514,6 +519,18 @@ def transfer_variant_rows(ctx: Context, regime: str, seed: int, add) -> None:
     traced_rows(ctx, regime, seed, noisy, TRANSFER_VARIANTS, add, student_kind="same_tokenizer")
 
 
+def gold_rows(ctx: Context, regime: str, seed: int, add) -> None:
+    """TRL's GOLD on the cross student (`study/gold.py`): the student-only rows' warm start, labels, budget and LR."""
+    if ctx.task != "shapes":
+        raise ValueError("the GOLD rows run on the shapes task only")
+    noisy, _ = label_noise(ctx.train, float(regime.removeprefix("noise")), seed)
+    for name, knobs in GOLD_ROWS.items():
+        t0 = time.time()
+        student, log = train_gold(WARM_DIR / "cross_tokenizer", TEACHER_DIR, noisy, ctx.plan.student_only(seed),
+                                  knobs["hybrid"])
+        add(regime, name, t0, evaluate(student, ctx, noisy), gold_log=[h for h in log if "loss" in h])
+
+
 # -- all seeds, in parallel processes ----------------------------------------------------------------------------------
 def _worker(args):
     plan, seed, out = args
@@ -597,7 +614,7 @@ def command_line(plan: dict, out: Path) -> str:
     cmd += "".join(f for k, f in flags if norm(plan[k]) != norm(d[k]))
     # blocks the command line runs unless told not to (a plan written before a block existed did not run it)
     on_by_default = [("same_student", " --no-same-student"), ("ablations", " --no-ablations"),
-                     ("transfer_variants", " --no-transfer-variants")]
+                     ("transfer_variants", " --no-transfer-variants"), ("gold", " --no-gold")]
     cmd += "".join(f for k, f in on_by_default if not plan.get(k, False))
     return cmd + (f" --ablation-rho {plan['ablation_rho']:g}" if plan.get("ablations") and plan["ablation_rho"] != 0.5
                   else "")
@@ -643,7 +660,8 @@ def val_choices(val: dict) -> dict:
              if f["a"].split("|")[1] in TRANSFER_VARIANTS and f["a"].split("|")[1] != "genrecal_ss_traced"}
     regime = max(gaps, key=gaps.get)
     return {"ablation_rho": float(regime.removeprefix("noise")), "genrecal_minus_sft_by_regime": gaps,
-            "best_variant": max(fracs, key=fracs.get) if fracs else None, "variant_fractions": fracs}
+            "best_variant": max(fracs, key=fracs.get) if fracs else None, "variant_fractions": fracs,
+            "gold_row": choose_gold(val)}
 
 
 # -- analysis -----------------------------------------------------------------------------------------------------------
@@ -682,6 +700,9 @@ def comparisons(plan: Plan, posterior: bool = False) -> list[tuple[str, str, str
             out += [(r, a, r, b, what) for a, b, what in ablation_comparisons(["genrecal_kl_only"], stagewise=False)]
         if plan.transfer_variants and rho == plan.headline_rho:
             out += [(r, a, r, b, what) for a, b, what in variant_comparisons()]
+        if plan.gold and rho == plan.headline_rho:
+            out += [(r, g, r, b, f"TRL's GOLD ({g}) - {what}") for g in GOLD_ROWS for b, what in
+                    (("sft", "SFT (same cross student, data, steps, LR)"), ("genrecal", "GenRecal (same cross student)"))]
     seen = set()  # a pair two blocks both ask for (the cross student after stage 2 vs SFT at its steps) is listed once
     return [c for c in out if c[:4] not in seen and not seen.add(c[:4])]
 
@@ -764,7 +785,8 @@ def analyse(result: dict) -> dict:
     for c in comps:
         regime = c["b"].split("|")[0]
         ctl = [x for x in comps if x["kind"] == "control" and x["b"].startswith(f"{regime}|")]
-        if c["kind"] != "transfer" or "genrecal" not in c["a"] or not c["b"].endswith("|sft") or not ctl \
+        ours = "genrecal" in c["a"] or c["a"].split("|")[1] in GOLD_ROWS
+        if c["kind"] != "transfer" or not ours or not c["b"].endswith("|sft") or not ctl \
                 or ctl[0]["ci95"][0] <= 0:
             continue
         fracs.append(fraction(rows, c["a"], c["b"], ctl[0]["a"], ctl[0]["b"], "cross student over the same-tokenizer "
@@ -813,6 +835,7 @@ BY_TYPE = [  # (a, b): the comparisons broken down by question type (`by_questio
     ("genrecal_same_student_after_stage2", "same_arch_sft_stage2_steps"),
     ("kd_genrecal_schedule_after_stage2", "same_arch_sft_stage2_steps"),
     *(("genrecal", a) for a in ABLATIONS), *((v, "same_arch_sft") for v in TRANSFER_VARIANTS),
+    *((g, "sft") for g in GOLD_ROWS),
 ]
 
 
@@ -1259,6 +1282,37 @@ def variant_lines(result: dict) -> list[str]:
                      "a - GenRecal, one student (points)", f"verdict (a - SFT, {n} steps)"], rows)
 
 
+GOLD_LABELS = {"gold_uld": "ULD: CE + sorted-probability distance, spans merged",
+               "gold_hybrid": "hybrid: JSD on shared tokens, ULD on the rest"}
+
+
+def gold_lines(result: dict) -> list[str]:
+    """TRL's GOLD on the cross student beside SFT and GenRecal: each row's accuracy, its gap to SFT and to GenRecal,
+    and the fraction of logit KD's gain (on the same-tokenizer student) it recovers."""
+    an, plan = result["analysis"], result["plan"]
+    r = f"noise{plan['headline_rho']:g}"
+    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
+    fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
+    end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
+    rows = []
+    for g in GOLD_ROWS:
+        c, s = comps.get((f"{r}|{g}", f"{r}|sft")), an["summary"].get(f"{r}|{g}")
+        if c is None:
+            continue
+        f = fr.get((f"{r}|{g}", f"{r}|sft"))
+        rows.append([g, GOLD_LABELS[g], f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}", _cell(c),
+                     "" if f is None else f"{100 * f['ratio']:.0f}% [{end(f['ci95'][0])}, {end(f['ci95'][1])}]",
+                     _cell(comps.get((f"{r}|{g}", f"{r}|genrecal"))), c["verdict"]])
+    if not rows:
+        return []
+    ref = [[m, "", f"{100 * an['summary'][f'{r}|{m}']['accuracy_mean']:.1f} ± "
+                   f"{100 * an['summary'][f'{r}|{m}']['accuracy_sd']:.1f}", "", "", "", ""]
+           for m in ("sft", "genrecal") if f"{r}|{m}" in an["summary"]]
+    n = plan["steps"][1] + plan["steps"][2]
+    return md_table(["row (a)", "GOLD's loss", "accuracy (%)", f"a - SFT, {n} steps (points)",
+                     "fraction of logit KD's gain", "a - GenRecal (points)", "verdict (a - SFT)"], rows + ref)
+
+
 def trace_lines(result: dict) -> list[str]:
     """The diagnosis through training of every traced run: the distillation share of the student's gradient, and
     the Recalibrator path's first-answer-token accuracy (overall, by question type; student kept / scrambled)."""
@@ -1348,7 +1402,13 @@ def write_report(result: dict, out: Path) -> str:
               f"- The paper's ablations run at label noise {ch['ablation_rho']:g}, the regime where GenRecal - SFT is "
               f"largest here ({gaps} points), at the study's 400-step budget.",
               f"- The transfer variant to lead with: `{ch['best_variant']}`, the largest fraction of logit KD's gain on "
-              f"the same student ({fr}). Every variant still runs on test and is reported.", ""]
+              f"the same student ({fr}). Every variant still runs on test and is reported."]
+        gold = {c["a"].split("|")[1]: c["diff"] for c in result["analysis"]["comparisons"]
+                if c["a"].split("|")[1] in GOLD_ROWS and c["b"].endswith("|sft")}
+        L += [f"- The GOLD row to lead with: `{ch['gold_row']}`, the larger GOLD - SFT gap ("
+              + ", ".join(f"{k} {_pts(v)}" for k, v in gold.items()) + " points). Both run on test and are reported."
+              ] if ch["gold_row"] else []
+        L += [""]
     L += report_lines(result)
     for title, lines, note in (
             ("The paper's ablations", ablation_lines(result),
@@ -1361,6 +1421,12 @@ def write_report(result: dict, out: Path) -> str:
              "Ours, not the paper's: every row on the same-tokenizer student (the positive control's), at the "
              "headline noise; the fraction is (a - SFT) over (logit KD - SFT) on that student, Fieller's interval.\n\n"
              "![our variants by question type](by_type_variants.png)"),
+            ("TRL's GOLD on the same pair", gold_lines(result),
+             "TRL's `GOLDTrainer` (trl 1.16.0, `trl.experimental.gold`) on the cross-tokenizer student, from the same "
+             "warm start, on the same noisy labels, for the student-only rows' steps, batch and LR schedule, scored "
+             "on the same items (`minigenrecal/study/gold.py`). Off-policy: the labels are the completions, the "
+             "student generates nothing. The fraction is (a - SFT) over logit KD's gain on the same-tokenizer student, "
+             "as for GenRecal's headline row."),
             ("The diagnosis through training", trace_lines(result),
              "Every traced run: at the end of stage 1 (= the start of stage 2), the middle and end of stage 2 (for a "
              "run that distils through stage 3, at stage 2's own step counts), and at the end of the run. The first "
