@@ -70,6 +70,26 @@ def test_docs_memory_table_is_the_one_bench_prints():
     assert abs(e["grads + AdamW"] / (e["student"] + e["recalibrator"]) - 8) < 1e-9  # 16 bytes vs 2
 
 
+def test_real_length_table_and_what_activation_checkpointing_keeps():
+    """docs/scaling.md's stage-2 table at the presets' real lengths is the one bench prints; with checkpointing the
+    student keeps one (T, d_s) input per layer plus one layer's activations, by hand for InternVL2.5-8B."""
+    from pathlib import Path
+    from minigenrecal.scale.bench import GiB, dims_of, estimate_memory, real_length_memory_table
+    lines = real_length_memory_table()
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    assert "\n".join(lines) in docs and len(lines) == 2 + 3 * 3  # header; 3 cluster presets x 3 GPU counts
+    assert "| `internvl2.5-8b<-internvl2.5-78b` | 3468 / 3468 | 8 | 4 |" in lines[5]
+    kw = dict(batch=4, lq=3468, la=256, lq_l=3468, chunk=1024, gpus=8, master_fp32=True)
+    name = "internvl2.5-8b<-internvl2.5-78b"
+    off, on = estimate_memory(name, 2, **kw), estimate_memory(name, 2, checkpointing=True, **kw)
+    sd, T = dims_of("OpenGVLab/InternVL2_5-8B"), 4 * (3468 + 256)
+    layer = T * (18 * sd.d + 4 * sd.ffn) * 2  # bytes of one layer's kept activations, bf16
+    assert abs((off["activations"] - on["activations"]) * GiB - (sd.layers * layer - (T * sd.layers * sd.d * 2 + layer))) < 1
+    assert {k: v for k, v in off.items() if k not in ("activations", "total")} == \
+        {k: v for k, v in on.items() if k not in ("activations", "total")}
+    assert estimate_memory(name, 1, checkpointing=True, **kw) == estimate_memory(name, 1, **kw)  # stage 1: no grad
+
+
 def test_bench_names_a_checkpoint_it_has_no_dimensions_for():
     import pytest
     from minigenrecal.scale.bench import DIMS, dims_of

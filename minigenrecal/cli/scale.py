@@ -10,7 +10,8 @@ from minigenrecal.cli.common import add_preset_option, add_tracking_options
 from minigenrecal.cli.config import add_config_option
 from minigenrecal.data.llava import MULTI_TURN
 from minigenrecal.models.presets import PRESETS
-from minigenrecal.scale.bench import WillNotFit, bench, print_estimate, print_table, training_memory_table
+from minigenrecal.scale.bench import (WillNotFit, bench, print_estimate, print_table, real_length_memory_table,
+                                      training_memory_table)
 from minigenrecal.scale.cache import cache_teacher
 from minigenrecal.scale.launch import run
 
@@ -115,7 +116,9 @@ def add_bench_command(sub) -> None:
     b.add_argument("--force", action="store_true", help="build even when the estimate exceeds the memory")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
     b.add_argument("--memory-table", action="store_true",
-                   help="print docs/scaling.md's training memory table (every preset and GPU count; arithmetic)")
+                   help="print docs/scaling.md's training memory tables (every preset and GPU count at 768 + 256 "
+                        "tokens; then stage 2 at each preset's real lengths, without and with activation "
+                        "checkpointing; arithmetic)")
 
     def run(a):
         cuda = torch.cuda.is_available()
@@ -123,7 +126,7 @@ def add_bench_command(sub) -> None:
         shape = dict(batch=a.batch or (4 if cuda else 2), lq=a.lq or (768 if cuda else 48), la=a.la or (256 if cuda else 16))
         stages = [int(s) for s in a.stages.split(",")]
         if a.memory_table:
-            print("\n".join(training_memory_table()))
+            print("\n".join(training_memory_table() + [""] + real_length_memory_table()))
             return
         if a.estimate_only:
             for name in PRESETS:

@@ -169,7 +169,7 @@ def _param_counts(dims: TextDims) -> tuple[int, int]:
 
 def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768, la: int = 256, lq_l: int | None = None,
                     use_cache: bool = False, chunk: int | None = 1024, gpus: int = 1, scale: float = 1.0,
-                    weight_bytes: int = 2, master_fp32: bool = False) -> dict:
+                    weight_bytes: int = 2, master_fp32: bool = False, checkpointing: bool = False) -> dict:
     """Arithmetic estimate (GiB per GPU) of what `bench` allocates for one stage; not a measurement.
 
     Weights `weight_bytes` each (2: bf16 on CUDA), gradients and both AdamW states in the weights' dtype (as `bench`
@@ -181,6 +181,9 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     `master_fp32` (what `train` does, loop.py): each trainable parameter also keeps an fp32 master copy, an fp32
     gradient and two fp32 AdamW states (16 bytes, sharded) instead of gradient + states in the weights' dtype, and
     from stage 1 on, since one engine serves the whole run (ZeRO-3 allocates them at start-up).
+    `checkpointing` (the real presets' activation checkpointing of the student's layers): in stage 2 each student
+    layer keeps only its input, (T, d_s) values, and one layer's activations exist again while its backward
+    recomputes them; the Recalibrator (two layers of the kit's own) keeps all of its activations either way.
     """
     preset = get_preset(preset_name)
     td, sd = dims_of(preset.teacher).scaled(scale), dims_of(preset.student).scaled(scale)
@@ -193,13 +196,15 @@ def estimate_memory(preset_name: str, stage: int, batch: int = 4, lq: int = 768,
     T_s, T_l, N = batch * (lq + la), batch * (lq_l + la), batch * la
     T_r = batch * (lq + la - 1) + batch * (lq_l + la - 1)
     act = lambda T, d, ffn, layers: T * layers * (18 * d + 4 * ffn) * wb
+    student_act = (T_s * sd.layers * sd.d * wb + act(T_s, sd.d, sd.ffn, 1)) if checkpointing else \
+        act(T_s, sd.d, sd.ffn, sd.layers)
     parts = {
         "teacher body": 0 if use_cache else (P_t - P_th) * wb / gpus,
         "teacher head": P_th * wb,
         "student": P_s * wb / gpus,
         "recalibrator": P_r * wb / gpus,
         "grads + AdamW": trained * (16 if master_fp32 else 3 * wb) / gpus,
-        "activations": (act(T_s, sd.d, sd.ffn, sd.layers) if stage == 2 else T_s * (4 * sd.d + 3 * sd.ffn) * wb)
+        "activations": (student_act if stage == 2 else T_s * (4 * sd.d + 3 * sd.ffn) * wb)
                        + act(T_r, sd.d, sd.ffn, 2) + (0 if use_cache else T_l * (4 * td.d + 3 * td.ffn) * wb),
         "head loss": 2 * (2 * N * td.d * 4 + 3 * min(chunk, N) * td.vocab * 4) if chunk else 2 * 8 * N * td.vocab * 4,
         "student CE": 3 * N * sd.vocab * 4 if stage == 2 else 0,
@@ -242,6 +247,41 @@ def training_memory_table(lq: int = 768, la: int = 256, chunk: int = 1024) -> li
                 rest = e["total"] - sum(e[k] for k in TABLE_PARTS)
                 lines.append(f"| `{name}` | {gpus} | {stage} | {batch} | "
                              + " | ".join(f"{e[k]:.1f}" for k in TABLE_PARTS) + f" | {rest:.1f} | {e['total']:.1f} |")
+    return lines
+
+
+# Tokens of one real training sample per family: a 1,024 x 768 image and about 140 text tokens of question, a
+# 256-token answer (arithmetic from each processor's defaults, not measured). InternVL2.5: 12 tiles of 448 px (the
+# 4 x 3 grid, max_num 12) + a thumbnail, 256 tokens each = 3,328. Qwen2-VL: 28 px per merged token, the image
+# resized to 1,036 x 756 = 37 x 27 = 999. SmolVLM: the longest edge resized to 2,048, 4 x 3 tiles of 512 px + the
+# global image, 64 tokens each = 832.
+REAL_QUESTION_TOKENS = {"OpenGVLab/InternVL2_5": 3328 + 140, "Qwen/Qwen2-VL": 999 + 140, "HuggingFaceTB/SmolVLM": 832 + 140}
+REAL_ANSWER_TOKENS = 256
+REAL_GPUS = (8, 16, 128)
+
+
+def real_question_tokens(hub_id: str) -> int:
+    return next(n for prefix, n in REAL_QUESTION_TOKENS.items() if hub_id.startswith(prefix))
+
+
+def real_length_memory_table(chunk: int = 1024) -> list[str]:
+    """docs/scaling.md's table at each preset's real sequence lengths (`REAL_QUESTION_TOKENS`): GiB per GPU of a
+    `train` launch, stage 2 (the peak), at the preset's per-GPU batch, without and with activation checkpointing
+    (the real presets train with it)."""
+    lines = ["| preset | question tokens: student / teacher | GPUs | batch/GPU | weights + fp32 master + AdamW | "
+             "activations + losses, no checkpointing | total, no checkpointing | activations + losses, "
+             "checkpointing | total, checkpointing |", "|---" * 9 + "|"]
+    for name, preset in PRESETS.items():
+        if name in ("tiny", *TRAIN_GPUS):  # the one-GPU pair's lengths are the first table's
+            continue
+        lq, lq_l = real_question_tokens(preset.student), real_question_tokens(preset.teacher)
+        batch = preset.stages()[2].batch_size
+        for gpus in REAL_GPUS:
+            kw = dict(batch=batch, lq=lq, la=REAL_ANSWER_TOKENS, lq_l=lq_l, chunk=chunk, gpus=gpus, master_fp32=True)
+            off, on = estimate_memory(name, 2, **kw), estimate_memory(name, 2, checkpointing=True, **kw)
+            fixed = sum(off[k] for k in TABLE_PARTS)
+            lines.append(f"| `{name}` | {lq} / {lq_l} | {gpus} | {batch} | {fixed:.1f} | {off['total'] - fixed:.1f} | "
+                         f"{off['total']:.1f} | {on['total'] - fixed:.1f} | {on['total']:.1f} |")
     return lines
 
 

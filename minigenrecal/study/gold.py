@@ -22,7 +22,7 @@ import tempfile
 
 import datasets
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, PrinterCallback
 
 from minigenrecal.data.synthetic import Sample
 from minigenrecal.models.vlm import VLMView
@@ -66,6 +66,7 @@ def train_gold(student_dir, teacher_dir, samples: list[Sample], cfg: StageConfig
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GOLDTrainer(model=model, teacher_model=str(teacher_dir), args=gold_config(cfg, tmp, hybrid),
                               train_dataset=records(samples), processing_class=proc)
+        trainer.remove_callback(PrinterCallback)  # GOLD's losses stay in its log history, not on stdout
         if trainer_hook is not None:
             trainer_hook(trainer)
         trainer.train()

@@ -536,6 +536,7 @@ def _worker(args):
     plan, seed, out = args
     warnings.filterwarnings("ignore")  # a worker process: as quiet as the command line that started it
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per warm start on stderr
     return run_seed(plan, seed, Path(out), log=lambda m: print(m, flush=True))
 
 
