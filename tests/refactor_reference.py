@@ -1,14 +1,29 @@
 """Loss histories of a short run of every training path on the tiny pair, for `tests/test_numbers_unchanged.py`.
 
-`python tests/refactor_reference.py` rewrites tests/data/loss_histories.json: run it only when a change is MEANT
-to move numbers, and say so in the commit. The test reruns the same calls and compares every float exactly."""
+`python tests/refactor_reference.py` rewrites this processor's reference: run it only when a change is MEANT to move
+numbers (and say so in the commit), or to add a processor, from a commit whose numbers are known to be the
+reference's (say which). The test reruns the same calls and compares every float exactly.
+
+One reference per processor (`tests/data/loss_histories_<family>-<model>.json`, /proc/cpuinfo's cpu family and model
+number, as the run manifests record them): the math libraries pick their kernels per microarchitecture, so the same
+code, torch build and thread count give other last bits on another CPU (45 of the 135 floats differ between the
+Intel family 6 model 207 and the AMD family 25 model 17 references; the AMD one was written by the code of commit
+1fec5c8, which matched the Intel one bit for bit)."""
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "data" / "loss_histories.json"
+from minigenrecal.scale.manifest import cpu_model
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def reference_path(cpu: dict | None = None) -> Path:
+    """This processor's reference file (it may not exist: see the module docstring)."""
+    c = cpu_model() if cpu is None else cpu
+    return DATA / f"loss_histories_{c.get('cpu_family', 'unknown')}-{c.get('cpu_model_number', 'unknown')}.json"
 
 
 def histories() -> dict:
@@ -39,6 +54,7 @@ def histories() -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(histories(), indent=0) + "\n")
-    print(f"wrote {OUT}")
+    out = reference_path()
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(histories(), indent=0) + "\n")
+    print(f"wrote {out}")
