@@ -150,8 +150,20 @@ def get_accelerator(grad_accum: int = 1):
                                                                                            sync_with_dataloader=False),
                                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _ACCELERATOR.gradient_accumulation_steps = grad_accum
+    # every Accelerator of a process shares one GradientState, and the last one built (a Trainer's, lmms-eval's) sets it
+    _ACCELERATOR.gradient_state.plugin_kwargs["sync_with_dataloader"] = False
     _ACCELERATOR.step = 0  # each stage starts a fresh accumulation window
     return _ACCELERATOR
+
+
+def reset_accelerator() -> None:
+    """Forget this process's Accelerator and accelerate's per-process state, which every Accelerator shares (a
+    Trainer's too, with its own settings); the next `get_accelerator` builds a fresh one. Single-process use only."""
+    global _ACCELERATOR
+    from accelerate.state import AcceleratorState, GradientState  # imported here: after DS_ACCELERATOR is set
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    _ACCELERATOR = None
 
 
 class AccelerateBackend:

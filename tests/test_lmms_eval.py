@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval (and its dependencies) not installed")
+lmms_eval_model = pytest.importorskip("minigenrecal.evaluation.lmms_eval_model",
+                                     reason="lmms-eval (and its dependencies) not installed")
 
 from minigenrecal.cli import main as kit_main  # noqa: E402
 from minigenrecal.data.synthetic import make_split, normalize  # noqa: E402
-from minigenrecal.evaluation import lmms_eval_model  # noqa: E402
 from minigenrecal.evaluation.exact_match import exact_match  # noqa: E402
 from minigenrecal.models.hub import load_hub_vlm  # noqa: E402
 from minigenrecal.models.presets import get_preset  # noqa: E402
@@ -85,3 +85,10 @@ def test_lmms_eval_scores_each_item_as_evaluate_does(saved, name, tmp_path, monk
                                                 for p, s in zip(ref["predictions"], items)]
     assert lmms["exact_match,none"] == kit["accuracy"] == ref["accuracy"]
     assert 0 < kit["accuracy"] < 1 if name == "student" else kit["accuracy"] > 0.9  # a real score, both ways
+
+
+def test_importing_the_lmms_eval_model_leaves_truncated_images_refused():
+    """lmms-eval turns on PIL's LOAD_TRUNCATED_IMAGES at import; the kit's module restores it, so a truncated image
+    is still named as bad input by every reader in the same process (tests/test_inputs.py)."""
+    from PIL import ImageFile
+    assert lmms_eval_model.ImageFile is ImageFile and ImageFile.LOAD_TRUNCATED_IMAGES is False

@@ -20,13 +20,21 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import lmms_eval.evaluator as lmms_evaluator
-import lmms_eval.models.chat.huggingface as upstream
-import torch
-from lmms_eval.__main__ import cli_evaluate
-from lmms_eval.models import MODEL_REGISTRY_V2
-from lmms_eval.models.registry_v2 import ModelManifest
-from transformers import AutoModelForImageTextToText
+from PIL import ImageFile
+
+_TRUNCATED = ImageFile.LOAD_TRUNCATED_IMAGES  # before lmms-eval's import turns it on for every PIL user (below)
+
+import lmms_eval.evaluator as lmms_evaluator  # noqa: E402
+import lmms_eval.models.chat.huggingface as upstream  # noqa: E402
+import torch  # noqa: E402
+from lmms_eval.__main__ import cli_evaluate  # noqa: E402
+from lmms_eval.models import MODEL_REGISTRY_V2  # noqa: E402
+from lmms_eval.models.registry_v2 import ModelManifest  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
+
+# lmms_eval.api.task sets PIL's LOAD_TRUNCATED_IMAGES at import, which would let a truncated image through the
+# kit's readers (they name it as bad input instead): restored here, for every importer of this module
+ImageFile.LOAD_TRUNCATED_IMAGES = _TRUNCATED
 
 MODEL_NAME = "minigenrecal_hf"
 TASKS_DIR = Path(__file__).with_name("lmms_eval_tasks")  # pass as --include_path

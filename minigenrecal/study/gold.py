@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PrinterCallback
 
 from minigenrecal.data.synthetic import Sample
+from minigenrecal.loop import reset_accelerator
 from minigenrecal.models.vlm import VLMView
 from minigenrecal.stages import StageConfig, param_kind
 
@@ -63,6 +64,7 @@ def train_gold(student_dir, teacher_dir, samples: list[Sample], cfg: StageConfig
     proc = AutoProcessor.from_pretrained(student_dir)
     for name, p in model.named_parameters():  # the kit's stage 3: LLM + projector train, the vision encoder does not
         p.requires_grad_(param_kind(name) != "vision")
+    reset_accelerator()  # the Trainer builds its own Accelerator: neither may inherit the other's shared state
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GOLDTrainer(model=model, teacher_model=str(teacher_dir), args=gold_config(cfg, tmp, hybrid),
                               train_dataset=records(samples), processing_class=proc)
@@ -70,6 +72,7 @@ def train_gold(student_dir, teacher_dir, samples: list[Sample], cfg: StageConfig
         if trainer_hook is not None:
             trainer_hook(trainer)
         trainer.train()
+    reset_accelerator()
     model = trainer.model.eval()
     return VLMView(model, proc, name="cross"), trainer.state.log_history
 
