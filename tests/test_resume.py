@@ -201,3 +201,52 @@ def test_demo_resumes_mid_stage_and_writes_its_manifest(tmp_path, monkeypatch):
         assert m["config"]["preset"]["stage2"]["steps"] == 3 and m["threads"]["torch"] == torch.get_num_threads()
         if (out / "summary.json").exists():
             assert json.loads((out / "summary.json").read_text())["manifest"] == m
+
+
+# -- resume jumps to the data position: nothing before it is rendered again (in-process) ------------------------
+@pytest.mark.parametrize("mode", ["stream", "lazy"])
+def test_resume_renders_only_the_batches_after_the_resume_point(tiny_pair, tmp_path, monkeypatch, mode):
+    """A stage of 6 steps over a JSONL read lazily (shuffled) or as a stream, with a bad record before the resume
+    point: stopped after step 3, resumed from the step-2 checkpoint, it renders exactly the 4 batches after step 2
+    and gives the uninterrupted history and skip report."""
+    from minigenrecal.data.llava import write_llava_json
+    from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
+    from minigenrecal.data.synthetic import make_split
+    from minigenrecal.loop import train_stage
+    from minigenrecal.recalibrator import Recalibrator
+    from minigenrecal.scale.checkpoint import Checkpointer, StreamPosition
+    from minigenrecal.stages import StageConfig
+    records = json.loads(write_llava_json(make_split(0, "train", 11), tmp_path).read_text())
+    records[1]["image"] = "missing.png"  # 10 good records: 5 batches a pass, and a bad one in the first batch
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    teacher, make_student = tiny_pair
+    cfg, steps_before = StageConfig(steps=6, batch_size=2, lr=1e-2), 2
+
+    def run(callbacks=()):
+        student = make_student(seed=3)
+        renders = []
+        encode = student.encode
+        monkeypatch.setattr(student, "encode", lambda s: renders.append(s.id) or encode(s))
+        source = open_source(path)
+        data = (StreamPairData(StreamPosition(source), student, teacher, skipped=[]) if mode == "stream"
+                else LazyPairData(source, student, teacher, skipped=[]))
+        torch.manual_seed(0)
+        recal = Recalibrator(teacher.d, student.text_config)
+        try:
+            history = train_stage(1, student, data, cfg, teacher=teacher, recal=recal, progress=False,
+                                  callbacks=callbacks)
+        except RuntimeError:
+            history = None
+        return history, renders, data.skipped
+
+    ref, ref_renders, ref_skipped = run()
+    assert len(ref_renders) == cfg.steps * cfg.batch_size and len(ref_skipped) == 1
+    monkeypatch.setenv(FAULT_ENV, "raise step 1 3")
+    assert run([Checkpointer(tmp_path / "ck", every=steps_before)])[0] is None
+    monkeypatch.delenv(FAULT_ENV)
+    assert [p.name for p in complete_checkpoints(tmp_path / "ck")] == ["stage1-step0000002"]
+    history, renders, skipped = run([Checkpointer(tmp_path / "ck", every=steps_before, resume=True)])
+    assert history == ref  # every loss term, lr and skip flag, bit for bit
+    assert renders == ref_renders[steps_before * cfg.batch_size:]  # exactly the batches after step 2, in order
+    assert skipped == ref_skipped  # the bad record met before the resume point is still reported

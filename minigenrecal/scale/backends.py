@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -258,6 +259,27 @@ class FSDPBackend(_Distributed):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def save_shards(self, module: nn.Module, opt, path) -> None:
+        """Write the module's and AdamW's state as they are sharded: each rank its own shards (one file per rank),
+        rank 0 the metadata (torch.distributed.checkpoint, as accelerate saves FSDP2 state); a collective."""
+        import torch.distributed.checkpoint as dcp  # only the FSDP2 backend needs it
+        from torch.distributed.checkpoint.state_dict import get_state_dict  # only the FSDP2 backend needs it
+        model, optim = get_state_dict(module, opt)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path))
+
+    def load_shards(self, module: nn.Module, opt, path) -> None:
+        """Load what `save_shards` wrote into this rank's shards; a collective. AdamW state that the checkpoint lacks
+        (parameters without a gradient yet, e.g. the student in stage 1) keeps the zeros that the state-dict API
+        initialises it with; AdamW never reads it while those parameters get no gradient."""
+        import torch.distributed.checkpoint as dcp  # only the FSDP2 backend needs it
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner  # only the FSDP2 backend needs it
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # only FSDP2 needs it
+        model, optim = get_state_dict(module, opt)
+        dcp.load({"model": model}, checkpoint_id=str(path))
+        sd = {"optim": optim}
+        dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_state_dict(module, opt, model_state_dict=model, optim_state_dict=sd["optim"])
+
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         """Every rank builds the teacher on the meta device, shards it, and materialises only its own shards on its
         device; rank 0 alone reads the weights (to host memory) and broadcasts each shard's part."""
@@ -418,6 +440,21 @@ class DeepSpeedBackend(_Distributed):
                 if self.is_main_process:
                     out[name] = t.detach().cpu().clone()
         return out
+
+    def save_shards(self, module, opt, path) -> None:
+        """Write the engine's state as DeepSpeed partitions it (`save_checkpoint`): each rank its own fp32 partition
+        and AdamW moments (`zero_pp_rank_{r}_*optim_states.pt`), rank 0 the module's unpartitioned rest; a
+        collective. The LR schedule is not the engine's: the checkpoint saves it beside."""
+        path = Path(path)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load_shards(self, module, opt, path) -> None:
+        """Load what `save_shards` wrote into this rank's partitions; a collective."""
+        path = Path(path)
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
 
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it

@@ -4,13 +4,21 @@ fault hooks the resume tests use.
 A checkpoint is one directory `stage{S}-step{K:07d}` under a run's checkpoint directory, written from state dicts:
 - `module.pt`: the trained module's state dict (student + Recalibrator; the frozen teacher head is not in it);
 - `optimizer.pt`, `scheduler.pt`: AdamW's state dict (moments, groups, lrs) and the LR schedule's;
+- under FSDP2 and ZeRO-3, `shards/` instead of `module.pt` and `optimizer.pt`: each rank writes its own shard of
+  the module and of AdamW's state, as the backend's own checkpointing does (`backends.*.save_shards`);
 - `riders.pt`: modules saved beside the trained one (in stage 3 the Recalibrator, no longer in the trained module);
-- `rng_{P}.pt` per process P: python, numpy, torch and CUDA RNG states, and the accumulation counter;
+- `rng_{P}.pt` per process P: python, numpy, torch and CUDA RNG states, the accumulation counter, and the
+  position of P's own share of a lazily read data set (a stream's records read, its bad samples so far);
 - `state.json`: stage, step, the data-loader position, the loss histories so far, the stage's config.
 
-It is written under a temporary name, fsynced and renamed; only then is the previous checkpoint removed. A crash
-while writing leaves a `.tmp-*` directory that is never read (and is cleared on resume) beside the previous,
-complete checkpoint. Only the one-process / DDP backend checkpoints mid-stage (docs/scaling.md).
+It is written under a temporary name, fsynced and renamed; only then is the previous checkpoint removed. Every
+process writes its part, then all wait, and only then does process 0 write `state.json` (what makes it complete)
+and rename it. A crash while writing leaves a `.tmp-*` directory that is never read (and is cleared on resume)
+beside the previous, complete checkpoint.
+
+Resuming jumps to the data position instead of drawing the batches again: a map-style loader skips the drawn
+batches' indices in its batch sampler (accelerate's `skip_first_batches`), a stream read through `StreamPosition`
+skips the records already read without decoding them. Nothing before the resume point is rendered.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.data_loader import skip_first_batches
 from transformers import AutoTokenizer
 
 from minigenrecal.loop import Batches, Callback, LoopState
@@ -34,6 +43,7 @@ from minigenrecal.models.vlm import VLMView
 
 FAULT_ENV = "MINIGENRECAL_FAULT"  # fault injection for the resume tests: "kill step S K" or "kill checkpoint N"
 STATE_FILE = "state.json"
+SHARDS = "shards"  # the sharded backends' own checkpoint, inside ours
 TOKENIZER_DIR = "student_tokenizer"  # the tokenizer the student trained with (the tiny one is retrained per process)
 
 
@@ -124,18 +134,74 @@ def with_saved_tokenizer(view, ckpt: "Checkpointer"):
 
 
 
+class StreamPosition:
+    """A stream's records, counting those this pass has read (`read`), so that a resume can skip that many without
+    decoding their images (`skip`, taken by the next pass). Wrap the records a `StreamPairData` reads."""
+
+    def __init__(self, records):
+        self.records, self.read, self.skip = records, 0, 0
+
+    def __iter__(self):
+        skip, self.skip, self.read = self.skip, 0, 0
+        for record in self.records:  # a record is decoded only when its samples are asked for: not here
+            self.read += 1
+            if self.read > skip:
+                yield record
+
+
+def _positioned(data) -> bool:
+    """Can this stream jump to a saved position? One sample per record: a batch then ends between records."""
+    return isinstance(getattr(data, "records", None), StreamPosition) and getattr(data, "multi_turn", "") == "reject"
+
+
 def batches_state(b: Batches) -> dict:
     """Where the loop is in its data: the sampler generator's state when the epoch began, and the batches drawn."""
     return {"generator": base64.b64encode(b.epoch_state.numpy().tobytes()).decode(), "drawn": b.drawn}
 
 
-def restore_batches(b: Batches, sd: dict) -> None:
-    """Rebuild the same epoch's iterator and draw `drawn` batches (collate only: the teacher and the losses do not
-    run for skipped batches), so the next batch is the one the saved run would have drawn."""
+def data_position(data) -> dict:
+    """This process's own part of the data position: a positioned stream's records read and samples yielded, and
+    the bad samples a lazily read data set has met so far (its skip report)."""
+    pos = {"skipped": list(data.skipped)} if hasattr(data, "skipped") and hasattr(data, "log") else {}
+    if _positioned(data):
+        pos.update(records=data.records.read, count=data.count)
+    return pos
+
+
+def restore_batches(b: Batches, sd: dict, position: dict | None = None) -> None:
+    """Rebuild the same epoch's iterator positioned after `drawn` batches, so the next batch is the one the saved run
+    would have drawn; no skipped sample is fetched or rendered. A map-style loader skips the drawn batches' indices
+    (its sampler still draws the epoch's permutation from the same generator state); a positioned stream skips the
+    records read. Any other stream draws its batches again (collate only: the teacher and the losses do not run)."""
     b.g.set_state(torch.frombuffer(bytearray(base64.b64decode(sd["generator"])), dtype=torch.uint8))
     b.restart()
-    for _ in range(sd["drawn"]):
-        next(b)
+    position = position or {}
+    data = b.loader.dataset if hasattr(b.loader, "dataset") else b.loader.loader.dataset  # or loop.on_device's
+    if hasattr(data, "log") and "skipped" in position:  # the skip report of the part not read again
+        data.skipped[:] = position["skipped"]
+        data.log.seen = {x["id"] for x in position["skipped"]}
+    if isinstance(data, torch.utils.data.IterableDataset):
+        if _positioned(data) and "records" in position:
+            data.records.skip, data.count = position["records"], position["count"]
+            b.it = _moved(iter(b.loader.loader), b.loader.device)
+        else:
+            for _ in range(sd["drawn"]):
+                next(b)
+    elif hasattr(b.loader, "loader"):  # loop.on_device around a torch DataLoader
+        b.it = _moved(iter(skip_first_batches(b.loader.loader, sd["drawn"])), b.loader.device)
+    else:
+        b.it = iter(skip_first_batches(b.loader, sd["drawn"]))
+    b.drawn = sd["drawn"]
+
+
+def _moved(batches, device):
+    """`batches` moved to `device`, as `loop.on_device` yields them. The caller creates the iterator before the RNG
+    is restored: a stream loader's iterator draws its base seed from the global RNG, which the saved run did at the
+    epoch's start, not at the resume point."""
+    move = lambda x: None if x is None else {k: v.to(device) for k, v in x.items()}  # noqa: E731
+    for s, t, idx, host in batches:
+        yield move(s), move(t), idx, host
+
 
 class Checkpointer(Callback):
     """Where a run checkpoints (`root`), how often (`every` optimizer steps; 0: only at each stage's end), and
@@ -189,13 +255,18 @@ class Checkpointer(Callback):
                           f"{torch.get_num_threads()}: the continuation will not be bit-identical")
         e, acc = st.engine, st.engine.acc
         load = lambda name: torch.load(self.point / name, map_location="cpu", weights_only=False)  # noqa: E731
-        acc.unwrap_model(e.module).load_state_dict(load("module.pt"))
-        e.inner.load_state_dict(load("optimizer.pt"))
+        shards = getattr(e.backend, "load_shards", None)
+        if shards is not None:  # FSDP2 / ZeRO-3: every rank loads its own shards (a collective)
+            shards(e.module, e.inner, self.point / SHARDS)
+        else:
+            acc.unwrap_model(e.module).load_state_dict(load("module.pt"))
+            e.inner.load_state_dict(load("optimizer.pt"))
         e.sched.load_state_dict(load("scheduler.pt"))
         for rider, sd in zip(st.riders, load("riders.pt")):
             rider.load_state_dict(sd)
         rng = load(f"rng_{acc.process_index}.pt")
-        set_rng_state(rng)
+        restore_batches(st.batches, self.state["data"], rng.get("data"))
+        set_rng_state(rng)  # after the data: rebuilding a stream's iterator draws from the global RNG
         if hasattr(acc, "step"):
             acc.step = rng["accumulation_step"]
         pending = self.point / f"pending_grads_{acc.process_index}.pt"
@@ -204,7 +275,6 @@ class Checkpointer(Callback):
             for n, p in acc.unwrap_model(e.module).named_parameters():
                 if n in grads:
                     p.grad = grads[n].to(p.device)
-        restore_batches(st.batches, self.state["data"])
         self._loaded = (stage, self.state["step"])
         st.history[:] = self.state["history"]
         self.histories[stage] = st.history
@@ -230,15 +300,19 @@ class Checkpointer(Callback):
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
             tmp.mkdir(parents=True)
-            torch.save(acc.unwrap_model(module).state_dict(), tmp / "module.pt")
-            torch.save(e.inner.state_dict(), tmp / "optimizer.pt")
+        acc.wait_for_everyone()
+        shards = getattr(e.backend, "save_shards", None)
+        if shards is not None:  # FSDP2 / ZeRO-3: every rank writes its own shards (a collective)
+            shards(module, e.inner, tmp / SHARDS)
+        if acc.is_main_process:
+            if shards is None:
+                torch.save(acc.unwrap_model(module).state_dict(), tmp / "module.pt")
+                torch.save(e.inner.state_dict(), tmp / "optimizer.pt")
             torch.save(e.sched.state_dict(), tmp / "scheduler.pt")
             torch.save([r.state_dict() for r in st.riders], tmp / "riders.pt")
-        acc.wait_for_everyone()
-        torch.save({**rng_state(), "accumulation_step": getattr(acc, "step", 0)}, tmp / f"rng_{acc.process_index}.pt")
+        torch.save({**rng_state(), "accumulation_step": getattr(acc, "step", 0), "data": data_position(st.data)},
+                   tmp / f"rng_{acc.process_index}.pt")
         # If a step's last micro-batch was not an optimizer step (accelerate can sync early, e.g. at an epoch's end),
         # gradients are pending and the next step adds to them. Each process keeps its own.
         grads = {n: p.grad.detach().cpu() for n, p in acc.unwrap_model(module).named_parameters() if p.grad is not None}
@@ -246,6 +320,7 @@ class Checkpointer(Callback):
             torch.save(grads, tmp / f"pending_grads_{acc.process_index}.pt")
         self.writes += 1
         fault("checkpoint", self.writes)  # tests kill the process here: mid-write, before the rename
+        acc.wait_for_everyone()  # complete only when every process has written its part
         if acc.is_main_process:
             st.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {"stage": stage, "step": step, "skips_in_row": st.in_row, "data": batches_state(st.batches),

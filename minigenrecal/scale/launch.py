@@ -11,9 +11,10 @@ runs of a launch config). Data: the synthetic train split, or `--data` LLaVA con
 A sample that cannot be read or rendered is skipped and recorded (id and reason) in OUT/skipped.jsonl, and the
 count is printed; `--strict` fails on the first one instead.
 
-Checkpoints go to OUT/checkpoints every `--save_steps` optimizer steps and at each stage's end;
-`--resume_from_checkpoint OUT` continues the run from the latest complete one, mid-stage, with the same numbers as an
-uninterrupted run. OUT/manifest.json and OUT/train_log.json record what produced the run; `--report_to`
+Checkpoints go to OUT/checkpoints every `--save_steps` optimizer steps and at each stage's end, under every backend
+(under FSDP2 and ZeRO-3 each rank writes its own shards); `--resume_from_checkpoint OUT` continues the run from the
+latest complete one, mid-stage, with the same numbers as an uninterrupted run, without rendering again the samples
+drawn before it. OUT/manifest.json and OUT/train_log.json record what produced the run; `--report_to`
 sends the loss terms, LR and skipped steps to accelerate's trackers (scale/tracking.py). OUT is `--output_dir`.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from minigenrecal.models.presets import get_preset
 from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.scale.backends import end_launch, gathered, get_backend
 from minigenrecal.scale.cache import TeacherCache
-from minigenrecal.scale.checkpoint import Checkpointer, resolve_root, with_saved_tokenizer
+from minigenrecal.scale.checkpoint import Checkpointer, StreamPosition, resolve_root, with_saved_tokenizer
 from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.scale.model_card import write_model_card
 from minigenrecal.scale.tracking import Tracking
@@ -127,9 +128,10 @@ def lazy_data(a, acc, student, teacher, skipped: list | None):
     each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
     `--stream` reads it in order (JSONL: a process parses only its own lines)."""
     records = open_source(a.data, acc.process_index, acc.num_processes, a.image_root)
-    cls = StreamPairData if a.stream else LazyPairData
-    data = cls(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
-    return data
+    if a.stream:  # a resume skips the records read before it without decoding them
+        return StreamPairData(StreamPosition(records), student, teacher, multi_turn=a.multi_turn, strict=a.strict,
+                              skipped=skipped)
+    return LazyPairData(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
 
 
 def gather_lists(items: list, world: int) -> list:
@@ -144,9 +146,6 @@ def gather_lists(items: list, world: int) -> list:
 def run(a) -> dict:
     preset = get_preset(a.preset)
     backend = get_backend()
-    if backend.name != "accelerate" and a.resume_from_checkpoint:
-        raise ValueError(f"--resume_from_checkpoint is not supported under {backend.name}; run the remaining stages as a new launch "
-                         "with --stages and --recal-in OUT (each launch saves the gathered student and Recalibrator)")
     lazy = bool(a.data) and (a.lazy or a.stream)
     if lazy and a.cache:
         raise ValueError("--cache looks every training sample up by id before training: use it without --lazy/--stream")
@@ -177,7 +176,7 @@ def run(a) -> dict:
     if resume:
         ckpt = Checkpointer(resolve_root(resume), a.save_steps, resume=True)
         student = with_saved_tokenizer(student, ckpt)
-    elif a.save_steps > 0 and not a.no_save and backend.name == "accelerate":
+    elif a.save_steps > 0 and not a.no_save:
         ckpt = Checkpointer(out / "checkpoints", a.save_steps)
     data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
     cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
