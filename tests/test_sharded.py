@@ -24,11 +24,11 @@ LAUNCH = {"fsdp": ["--config_file", str(ROOT / "configs" / "fsdp.yaml")],
 PORTS = {"fsdp": 29541, "zero3": 29542, "ddp": 29543}
 
 
-def launch(kind: str, out: Path) -> dict:
+def launch(kind: str, out: Path, extra: tuple = (), port: int | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[kind], "--num_processes", "2",
-           "--main_process_port", str(PORTS[kind]), "-m", "minigenrecal", "train", *ARGS,
+           "--main_process_port", str(port or PORTS[kind]), "-m", "minigenrecal", "train", *ARGS, *extra,
            "--output_dir", str(out), "--state-out", str(out / "state")]
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -41,6 +41,20 @@ def launch(kind: str, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return {k: launch(k, tmp_path_factory.mktemp(k) / "out") for k in ("fsdp", "zero3", "ddp")}
+
+
+@pytest.fixture(scope="module")
+def zero3_saved_student(tmp_path_factory):
+    """The ZeRO-3 launch with the tiny student's weights read from a directory (`--student DIR`, as a hub student
+    loads) instead of built at random: the same weights as the other launches' student."""
+    from minigenrecal.models.tiny import build_student
+    saved = tmp_path_factory.mktemp("student")
+    model, proc = build_student(0)
+    model.save_pretrained(saved)
+    proc.save_pretrained(saved)
+    st = launch("zero3", tmp_path_factory.mktemp("zero3_saved") / "out", ("--student", str(saved)), port=29544)
+    st["total"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return st
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +104,24 @@ def test_sharded_launch(runs, shipped_teacher, kind, engine_type):
     for s in (1, 2, 3):
         assert st[(s, 0)]["loss"] == pytest.approx(runs["ddp"][(s, 0)]["loss"], rel=tol), s
         assert p[s].keys() == runs["ddp"][(s, 0)]["params"].keys()
+
+
+@pytest.mark.slow
+def test_zero3_student_from_pretrained_is_partitioned_as_it_loads(runs, zero3_saved_student):
+    """Under ZeRO-3 a student read from saved weights loads under `zero.Init` (its engine's config is alive during
+    `from_pretrained`): right after loading each rank holds half of its bytes, where the random-init tiny student is
+    built whole; and the launch trains exactly as the one whose student loaded whole."""
+    st, total = zero3_saved_student, zero3_saved_student["total"]
+    local = [st[(0, k)]["student_local_bytes"] for k in (0, 1)]
+    assert sum(local) == total and all(abs(b - total / 2) < 0.02 * total for b in local), (local, total)
+    assert st[(0, 0)]["student_loaded_partitioned"] is True and st[(0, 1)]["student_loaded_partitioned"] is True
+    assert [runs["zero3"][(0, k)]["student_local_bytes"] for k in (0, 1)] == [total, total]  # built whole
+    assert set(st[(0, 0)]["trainable_dtypes"].values()) == {"torch.float32"} and st[(0, 0)]["master_dtype"] == "torch.float32"
+    for s in (1, 2, 3):
+        assert st[(s, 0)]["loss"] == pytest.approx(runs["zero3"][(s, 0)]["loss"], rel=1e-6), s
+        assert st[(s, 0)]["loss"] == pytest.approx(runs["ddp"][(s, 0)]["loss"], rel=2e-3), s
+    whole, part = runs["zero3"][(3, 0)]["params"], st[(3, 0)]["params"]
+    assert whole.keys() == part.keys() and all(torch.allclose(whole[k], part[k], rtol=1e-5, atol=1e-7) for k in whole)
 
 
 @pytest.mark.slow

@@ -33,6 +33,21 @@ def load_student_only(preset, tiny_random: bool):
     return VLMView(model, proc, preset.max_length, name="student")
 
 
+def student_loader(preset, tiny_random: bool):
+    """load() -> the student (`load_student_only`), for a backend to call. `load.pretrained`: it reads saved weights
+    (`from_pretrained`; the tiny students are random-init builds); `load.config()`: its config, without its weights."""
+    def load():
+        return load_student_only(preset, tiny_random)
+
+    def config():
+        pin = pinned(preset.student, preset.student_revision, preset.remote_code and is_remote_internvl(preset.student))
+        return AutoConfig.from_pretrained(preset.student, trust_remote_code=preset.remote_code, **pin)
+
+    load.pretrained = not tiny_random and preset.student != "tiny"
+    load.config = config
+    return load
+
+
 def checkpoint_activations(model: torch.nn.Module) -> list[str]:
     """Activation checkpointing on every layer stack of `model` that supports it (non-reentrant: frozen inputs and a
     student body run under no_grad in stage 1 need no special case); returns the names of the modules it switched

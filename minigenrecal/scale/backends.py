@@ -79,6 +79,9 @@ def end_launch() -> bool:
 class ReplicatedBackend(AccelerateBackend):
     """accelerate's `prepare` for the student module (DDP across processes); the teacher whole on every process."""
 
+    def load_student(self, load: Callable[[], VLMView]) -> VLMView:
+        return load()
+
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int) -> tuple[PlacedTeacher, nn.Linear]:
         model, proc = load(False)
         model.requires_grad_(False).to(self.acc.device)
@@ -196,6 +199,10 @@ class _Distributed:
 
     def unwrap_model(self, module):
         return module
+
+    def load_student(self, load: Callable[[], VLMView]) -> VLMView:
+        """The student as `load` builds it: whole on every rank (FSDP2 shards it in `wrap`)."""
+        return load()
 
     def close(self) -> None:
         """Tear down in order at the end of a launch (engines, then the process group), so no communication
@@ -348,10 +355,17 @@ def zero3_tuning(zero_stage: int, hidden: int | None) -> dict:
             "stage3_max_live_parameters": 2 * 10 ** 9, "stage3_max_reuse_distance": 2 * 10 ** 9}
 
 
+def _hidden_size(config) -> int | None:
+    """The LLM's hidden size of a VLM config (InternVL's remote config keeps its LLM's under `llm_config`)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(getattr(config, "llm_config", None) or text, "hidden_size", None)
+
+
 class DeepSpeedBackend(_Distributed):
     """DeepSpeed: one training engine for the student module (the launch's ZeRO stage, from accelerate's
-    environment), and one ZeRO-3 inference engine for the teacher, which is loaded while its config is alive
-    (`HfDeepSpeedConfig`), so transformers builds it under `deepspeed.zero.Init`: no rank ever holds it whole."""
+    environment), and one ZeRO-3 inference engine for the teacher. Under ZeRO-3 both load while a DeepSpeed config is
+    alive (`HfDeepSpeedConfig`), so transformers builds them under `deepspeed.zero.Init`: no rank ever holds either
+    whole (a random-init student excepted, see `load_student`)."""
 
     name = "deepspeed"
 
@@ -363,7 +377,7 @@ class DeepSpeedBackend(_Distributed):
         self.zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"))
         self.clip = float(os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "0") or 0)
         self.engine, self.engines = None, []
-        self.teacher_loaded_partitioned = None  # recorded for the load-order check
+        self.teacher_loaded_partitioned = self.student_loaded_partitioned = None  # recorded for the load checks
 
     def config(self, zero_stage: int, train: bool = True, hidden: int | None = None) -> dict:
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -374,7 +388,34 @@ class DeepSpeedBackend(_Distributed):
         return cfg
 
     def wrap(self, module: nn.Module) -> nn.Module:
+        """A module with a student partitioned by `zero.Init` is in DeepSpeed's dtype already, and DeepSpeed then
+        casts nothing: the rest (Recalibrator, head) is cast here as DeepSpeed casts a whole module (bf16 on CUDA).
+        The loop's fp32 upcast reached only the empty placeholder of a partitioned parameter: its dtype is put back,
+        since DeepSpeed's optimizer keeps the fp32 masters of the partitions itself."""
+        parts = {p.ds_tensor.dtype for p in module.parameters() if hasattr(p, "ds_tensor")}
+        if parts:
+            (dtype,) = parts
+            for p in module.parameters():
+                if hasattr(p, "ds_tensor") and p.dtype != dtype:
+                    p.data = torch.empty(0, dtype=dtype, device=p.data.device)
+                elif not hasattr(p, "ds_tensor") and p.is_floating_point():
+                    p.data = p.data.to(dtype)
         return module.to(self.device)
+
+    def load_student(self, load: Callable[[], VLMView]) -> VLMView:
+        """Under ZeRO-3, the student's `from_pretrained` runs while the training engine's config is alive, so each
+        rank materialises only its partition, in the engine's dtype (fp32 on CPU, bf16 on CUDA, as DeepSpeed would
+        cast it). A random-init student (`load.pretrained` false: the tiny ones) is built whole and partitioned by
+        the engine: under `zero.Init` transformers skips its weight init, so the weights would change."""
+        if self.zero_stage != 3 or not load.pretrained:
+            return load()
+        config = load.config()
+        self.student_modeling_modules = import_modeling_modules(config)  # before zero.Init: see its docstring
+        alive = HfDeepSpeedConfig(self.config(3, hidden=_hidden_size(config)))  # from_pretrained then uses zero.Init
+        student = load()
+        del alive
+        self.student_loaded_partitioned = all(hasattr(p, "ds_id") for p in student.model.parameters())
+        return student
 
     def prepare_module(self, module, opt):
         import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
@@ -459,14 +500,12 @@ class DeepSpeedBackend(_Distributed):
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int):
         import deepspeed  # heavy, optional: only the ZeRO-3 backend needs it
         config = load.config()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        text = getattr(config, "llm_config", None) or text  # InternVL's remote config keeps its LLM's there
-        cfg = self.config(3, train=False, hidden=getattr(text, "hidden_size", None))
+        cfg = self.config(3, train=False, hidden=_hidden_size(config))
         self.teacher_modeling_modules = import_modeling_modules(config)  # before zero.Init: see its docstring
         alive = HfDeepSpeedConfig(cfg)  # must exist before from_pretrained: transformers then uses zero.Init
         model, proc = load(False)
         self.teacher_loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-        del alive  # the student loads whole and is partitioned by its own engine
+        del alive  # the student loads under its own engine's config (`load_student`)
         model.requires_grad_(False)
         view = VLMView(model, proc, max_length, name="teacher")
         head = view.head

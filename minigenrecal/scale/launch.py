@@ -33,7 +33,7 @@ from minigenrecal.data.pairs import encode_pairs, write_skip_report
 from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
 from minigenrecal.data.synthetic import make_split
 from minigenrecal.loop import Callback, Engine, LoopState, run_stages
-from minigenrecal.models.loading import load_student_only, teacher_loader
+from minigenrecal.models.loading import load_student_only, student_loader, teacher_loader  # noqa: F401 (imported from here)
 from minigenrecal.models.presets import get_preset
 from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.scale.backends import end_launch, gathered, get_backend
@@ -169,7 +169,8 @@ def run(a) -> dict:
     else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
         teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
         d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
-    student = load_student_only(preset, a.tiny_random)
+    student = backend.load_student(student_loader(preset, a.tiny_random))  # under ZeRO-3: partitioned as it loads
+    student_bytes = local_bytes(student.model)  # what this rank holds of it before the engine sees it
     resume = a.resume_from_checkpoint
     out = Path(a.output_dir or (resolve_root(resume).parent if resume else "runs/train"))
     ckpt = None
@@ -191,7 +192,7 @@ def run(a) -> dict:
     trains_recal = any(s in (1, 2) for s in stages)
     engine = Engine(student, recal if trains_recal else None, head if trains_recal else None, cfgs, backend)
     acc = engine.acc
-    probe = _Probe(a.state_out, backend, engine, teacher, head)
+    probe = _Probe(a.state_out, backend, engine, teacher, head, student_bytes)
     config = {k: (v.name if k == "preset" and hasattr(v, "name") else v) for k, v in vars(a).items() if k != "fn"}
     manifest = run_manifest({**config, "stage_configs": {k: asdict(c) for k, c in cfgs.items()},
                              "world_size": acc.num_processes, "backend": backend.name}, a.seed)
@@ -244,10 +245,12 @@ def run(a) -> dict:
 class _Probe(Callback):
     """`--state-out DIR` (for tests): after each stage every rank writes what the launch tests assert on,
     `stage{S}-rank{R}.pt`: the gathered parameters (every rank under accelerate, rank 0 when sharded), the
-    teacher's bytes on this rank, the engine's identity and the trainable parameters' dtypes."""
+    teacher's bytes on this rank and the student's as loaded, the engine's identity and the trainable parameters'
+    dtypes."""
 
-    def __init__(self, root, backend, engine, teacher, head):
+    def __init__(self, root, backend, engine, teacher, head, student_bytes: int | None = None):
         self.root, self.backend, self.engine, self.teacher, self.head = root, backend, engine, teacher, head
+        self.student_bytes = student_bytes
         if root:
             Path(root).mkdir(parents=True, exist_ok=True)
 
@@ -282,7 +285,9 @@ class _Probe(Callback):
         full = {k: v.detach().cpu().float() for k, v in self.backend.full_state_dict(self.engine.module).items()}
         trainable = {n: str(p.dtype) for n, p in self.engine.module.named_parameters() if p.requires_grad}
         rec = {"params": full, "loss": loss, "engine": id(self.engine.module), "engine_type": type(self.engine.module).__name__,
-               "trainable_dtypes": trainable, "master_dtype": self._master_dtype(), **self._teacher()}
+               "trainable_dtypes": trainable, "master_dtype": self._master_dtype(),
+               "student_local_bytes": self.student_bytes,
+               "student_loaded_partitioned": getattr(self.backend, "student_loaded_partitioned", None), **self._teacher()}
         torch.save(rec, Path(self.root) / f"stage{stage}-rank{self.backend.acc.process_index}.pt")
 
     def _master_dtype(self) -> str:
