@@ -247,7 +247,7 @@ def test_a_saved_model_loads_from_its_directory_as_preset_student(key, tmp_path)
     import json
     from minigenrecal.cli import build_parser
     from minigenrecal.models.presets import get_preset
-    from minigenrecal.scale.launch import load_student_only
+    from minigenrecal.models.loading import load_student_only
     view = view_of(key)
     view.model.save_pretrained(tmp_path)
     if hasattr(view.processor, "save_pretrained"):

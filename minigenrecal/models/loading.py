@@ -21,6 +21,12 @@ from minigenrecal.models.tiny_pairs import build_tiny_pair
 from minigenrecal.models.vlm import VLMView
 
 
+def hub_config(hub_id: str, revision: str | None, remote_code: bool):
+    """A hub checkpoint's config without its weights (remote code: at its pinned revision)."""
+    pin = pinned(hub_id, revision, remote_code and is_remote_internvl(hub_id))
+    return AutoConfig.from_pretrained(hub_id, trust_remote_code=remote_code, **pin)
+
+
 def load_student_only(preset, tiny_random: bool):
     if tiny_random:
         return build_tiny_pair(preset)[1]
@@ -40,8 +46,7 @@ def student_loader(preset, tiny_random: bool):
         return load_student_only(preset, tiny_random)
 
     def config():
-        pin = pinned(preset.student, preset.student_revision, preset.remote_code and is_remote_internvl(preset.student))
-        return AutoConfig.from_pretrained(preset.student, trust_remote_code=preset.remote_code, **pin)
+        return hub_config(preset.student, preset.student_revision, preset.remote_code)
 
     load.pretrained = not tiny_random and preset.student != "tiny"
     load.config = config
@@ -92,8 +97,7 @@ def teacher_loader(preset, tiny_random: bool, teacher_dir: str | Path | None = N
     def config():
         """The teacher's config, without reading its weights (a meta-device build; remote code: its config.json)."""
         if preset.remote_code and not tiny_random:
-            pin = pinned(preset.teacher, preset.teacher_revision, is_remote_internvl(preset.teacher))
-            return AutoConfig.from_pretrained(preset.teacher, trust_remote_code=True, **pin)
+            return hub_config(preset.teacher, preset.teacher_revision, True)
         return load(True)[0].config
 
     load.config = config

@@ -79,9 +79,6 @@ def end_launch() -> bool:
 class ReplicatedBackend(AccelerateBackend):
     """accelerate's `prepare` for the student module (DDP across processes); the teacher whole on every process."""
 
-    def load_student(self, load: Callable[[], VLMView]) -> VLMView:
-        return load()
-
     def place_teacher(self, load: Callable[[bool], tuple], max_length: int) -> tuple[PlacedTeacher, nn.Linear]:
         model, proc = load(False)
         model.requires_grad_(False).to(self.acc.device)
@@ -199,10 +196,6 @@ class _Distributed:
 
     def unwrap_model(self, module):
         return module
-
-    def load_student(self, load: Callable[[], VLMView]) -> VLMView:
-        """The student as `load` builds it: whole on every rank (FSDP2 shards it in `wrap`)."""
-        return load()
 
     def close(self) -> None:
         """Tear down in order at the end of a launch (engines, then the process group), so no communication

@@ -38,7 +38,7 @@ import torch
 from accelerate.data_loader import skip_first_batches
 from transformers import AutoTokenizer
 
-from minigenrecal.loop import Batches, Callback, LoopState
+from minigenrecal.loop import Batches, Callback, LoopState, on_device
 from minigenrecal.models.vlm import VLMView
 
 FAULT_ENV = "MINIGENRECAL_FAULT"  # fault injection for the resume tests: "kill step S K" or "kill checkpoint N"
@@ -183,24 +183,17 @@ def restore_batches(b: Batches, sd: dict, position: dict | None = None) -> None:
     if isinstance(data, torch.utils.data.IterableDataset):
         if _positioned(data) and "records" in position:
             data.records.skip, data.count = position["records"], position["count"]
-            b.it = _moved(iter(b.loader.loader), b.loader.device)
+            # the stream's iterator is made now, before the RNG is restored: it draws its base seed from the global
+            # RNG, which the saved run did at the epoch's start, not at the resume point
+            b.it = iter(on_device(iter(b.loader.loader), b.loader.device))
         else:
             for _ in range(sd["drawn"]):
                 next(b)
     elif hasattr(b.loader, "loader"):  # loop.on_device around a torch DataLoader
-        b.it = _moved(iter(skip_first_batches(b.loader.loader, sd["drawn"])), b.loader.device)
+        b.it = iter(on_device(skip_first_batches(b.loader.loader, sd["drawn"]), b.loader.device))
     else:
         b.it = iter(skip_first_batches(b.loader, sd["drawn"]))
     b.drawn = sd["drawn"]
-
-
-def _moved(batches, device):
-    """`batches` moved to `device`, as `loop.on_device` yields them. The caller creates the iterator before the RNG
-    is restored: a stream loader's iterator draws its base seed from the global RNG, which the saved run did at the
-    epoch's start, not at the resume point."""
-    move = lambda x: None if x is None else {k: v.to(device) for k, v in x.items()}  # noqa: E731
-    for s, t, idx, host in batches:
-        yield move(s), move(t), idx, host
 
 
 class Checkpointer(Callback):

@@ -33,7 +33,7 @@ from minigenrecal.data.pairs import encode_pairs, write_skip_report
 from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
 from minigenrecal.data.synthetic import make_split
 from minigenrecal.loop import Callback, Engine, LoopState, run_stages
-from minigenrecal.models.loading import load_student_only, student_loader, teacher_loader  # noqa: F401 (imported from here)
+from minigenrecal.models.loading import student_loader, teacher_loader
 from minigenrecal.models.presets import get_preset
 from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.scale.backends import end_launch, gathered, get_backend
@@ -169,7 +169,8 @@ def run(a) -> dict:
     else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
         teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
         d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
-    student = backend.load_student(student_loader(preset, a.tiny_random))  # under ZeRO-3: partitioned as it loads
+    load = student_loader(preset, a.tiny_random)  # whole on every rank, but under ZeRO-3: partitioned as it loads
+    student = backend.load_student(load) if hasattr(backend, "load_student") else load()
     student_bytes = local_bytes(student.model)  # what this rank holds of it before the engine sees it
     resume = a.resume_from_checkpoint
     out = Path(a.output_dir or (resolve_root(resume).parent if resume else "runs/train"))

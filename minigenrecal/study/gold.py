@@ -77,8 +77,13 @@ def train_gold(student_dir, teacher_dir, samples: list[Sample], cfg: StageConfig
     return VLMView(model, proc, name="cross"), trainer.state.log_history
 
 
+def gold_minus_sft(result: dict) -> dict[str, float]:
+    """Each GOLD row's gap to SFT in a transfer study's analysis (fractions of items)."""
+    return {c["a"].split("|")[1]: c["diff"] for c in result["analysis"]["comparisons"]
+            if c["a"].split("|")[1] in GOLD_ROWS and c["b"].endswith("|sft")}
+
+
 def choose_gold(val: dict) -> str | None:
     """The GOLD row to lead with, chosen on a val run: the larger GOLD - SFT gap (both rows still run on test)."""
-    gaps = {c["a"].split("|")[1]: c["diff"] for c in val["analysis"]["comparisons"]
-            if c["a"].split("|")[1] in GOLD_ROWS and c["b"].endswith("|sft")}
+    gaps = gold_minus_sft(val)
     return max(gaps, key=gaps.get) if gaps else None

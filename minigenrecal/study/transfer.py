@@ -55,7 +55,7 @@ from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.stages import GenRecal, StageConfig, student_groups, teacher_forward
 from minigenrecal.study import stats
 from minigenrecal.study.baselines import train_baseline
-from minigenrecal.study.gold import GOLD_ROWS, choose_gold, train_gold
+from minigenrecal.study.gold import GOLD_ROWS, choose_gold, gold_minus_sft, train_gold
 from minigenrecal.study.tables import md_table, run_label
 from minigenrecal.study.variants import StudentAnswers
 from minigenrecal.study.warmstart import WARM_DIR, load_warm_start
@@ -1181,7 +1181,7 @@ def report_lines(result: dict) -> list[str]:
     for key, s in an["summary"].items():
         regime, method = key.split("|")
         post = [f"{s['posterior_nll']:.3f}", f"{100 * s['posterior_jsd']:.2f}"] if "posterior_nll" in s else ["", ""]
-        rows.append([regime, method, f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}",
+        rows.append([regime, method, _acc(s),
                      f"{100 * s['train_acc_own_labels']:.1f}", f"{100 * s['train_acc_clean_labels']:.1f}",
                      f"{100 * s['jsd_teacher']:.2f}", f"{s['ece']:.3f}" if "ece" in s else "", *post])
     L = md_table(["regime", "method", "accuracy (%)", "train acc, own labels (%)", "train acc, clean labels (%)",
@@ -1193,10 +1193,9 @@ def report_lines(result: dict) -> list[str]:
     L += [""] + md_table(["comparison (a - b)", "what it measures", "seeds x items", "diff (points)", "95% CI (points)",
                           "df", "p", "MDE (points)", "yardstick (points)", "verdict", "vs the paper's 7.2"], rows)
     if an.get("fractions"):
-        end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
         rows = [[f"{run_label(f['a'])} - {run_label(f['b'])}", run_label(f["control"]),
                  f.get("design", "cross student over the same-tokenizer student's control"),
-                 f"{100 * f['ratio']:.0f}%", f"[{end(f['ci95'][0])}, {end(f['ci95'][1])}]"]
+                 f"{100 * f['ratio']:.0f}%", f"[{_end(f['ci95'][0])}, {_end(f['ci95'][1])}]"]
                 for f in an["fractions"]]
         L += [""] + md_table(["fraction of the positive control's gain (a - b over the control)", "control", "design",
                               "fraction", "95% interval (Fieller, crossed)"], rows)
@@ -1218,6 +1217,21 @@ PAPER_ABLATIONS = {  # the paper's figure for each ablation, and the full method
     "genrecal_no_reg": (70.1, 76.4), "genrecal_kl_only": (55.0, 75.8), "genrecal_depth1": (74.9, 76.4),
     "genrecal_no_npe": (70.5, 76.4),
 }
+
+
+def _end(x: float | None) -> str:
+    """One end of a fraction's interval, in %; an open interval's missing end says so."""
+    return "open" if x is None else f"{round(100 * x):d}%"
+
+
+def _frac(f: dict | None) -> str:
+    """A fraction of the control's gain with its Fieller interval, or blank."""
+    return "" if f is None else f"{100 * f['ratio']:.0f}% [{_end(f['ci95'][0])}, {_end(f['ci95'][1])}]"
+
+
+def _acc(s: dict) -> str:
+    """A run's accuracy over seeds: mean ± sd, in %."""
+    return f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}"
 
 
 def _cell(c: dict | None) -> str:
@@ -1264,16 +1278,14 @@ def variant_lines(result: dict) -> list[str]:
     r = f"noise{plan['headline_rho']:g}"
     comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
     fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
-    end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
-    frac = lambda f: "" if f is None else f"{100 * f['ratio']:.0f}% [{end(f['ci95'][0])}, {end(f['ci95'][1])}]"  # noqa: E731
     rows = []
     for v in TRANSFER_VARIANTS:
         c = comps.get((f"{r}|{v}", f"{r}|same_arch_sft"))
         if c is None:
             continue
-        rows.append([v, VARIANT_LABELS.get(v, v), _cell(c), frac(fr.get((f"{r}|{v}", f"{r}|same_arch_sft"))),
+        rows.append([v, VARIANT_LABELS.get(v, v), _cell(c), _frac(fr.get((f"{r}|{v}", f"{r}|same_arch_sft"))),
                      _cell(comps.get((f"{r}|{v}_after_stage2", f"{r}|same_arch_sft_stage2_steps"))),
-                     frac(fr.get((f"{r}|{v}_after_stage2", f"{r}|same_arch_sft_stage2_steps"))),
+                     _frac(fr.get((f"{r}|{v}_after_stage2", f"{r}|same_arch_sft_stage2_steps"))),
                      _cell(comps.get((f"{r}|{v}", f"{r}|genrecal_same_student"))), c["verdict"]])
     if not rows:
         return []
@@ -1294,21 +1306,17 @@ def gold_lines(result: dict) -> list[str]:
     r = f"noise{plan['headline_rho']:g}"
     comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
     fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
-    end = lambda x: "open" if x is None else f"{round(100 * x):d}%"  # noqa: E731
     rows = []
     for g in GOLD_ROWS:
         c, s = comps.get((f"{r}|{g}", f"{r}|sft")), an["summary"].get(f"{r}|{g}")
         if c is None:
             continue
-        f = fr.get((f"{r}|{g}", f"{r}|sft"))
-        rows.append([g, GOLD_LABELS[g], f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_sd']:.1f}", _cell(c),
-                     "" if f is None else f"{100 * f['ratio']:.0f}% [{end(f['ci95'][0])}, {end(f['ci95'][1])}]",
+        rows.append([g, GOLD_LABELS[g], _acc(s), _cell(c), _frac(fr.get((f"{r}|{g}", f"{r}|sft"))),
                      _cell(comps.get((f"{r}|{g}", f"{r}|genrecal"))), c["verdict"]])
     if not rows:
         return []
-    ref = [[m, "", f"{100 * an['summary'][f'{r}|{m}']['accuracy_mean']:.1f} ± "
-                   f"{100 * an['summary'][f'{r}|{m}']['accuracy_sd']:.1f}", "", "", "", ""]
-           for m in ("sft", "genrecal") if f"{r}|{m}" in an["summary"]]
+    ref = [[m, "", _acc(an["summary"][f"{r}|{m}"]), "", "", "", ""] for m in ("sft", "genrecal")
+           if f"{r}|{m}" in an["summary"]]
     n = plan["steps"][1] + plan["steps"][2]
     return md_table(["row (a)", "GOLD's loss", "accuracy (%)", f"a - SFT, {n} steps (points)",
                      "fraction of logit KD's gain", "a - GenRecal (points)", "verdict (a - SFT)"], rows + ref)
@@ -1404,8 +1412,7 @@ def write_report(result: dict, out: Path) -> str:
               f"largest here ({gaps} points), at the study's 400-step budget.",
               f"- The transfer variant to lead with: `{ch['best_variant']}`, the largest fraction of logit KD's gain on "
               f"the same student ({fr}). Every variant still runs on test and is reported."]
-        gold = {c["a"].split("|")[1]: c["diff"] for c in result["analysis"]["comparisons"]
-                if c["a"].split("|")[1] in GOLD_ROWS and c["b"].endswith("|sft")}
+        gold = gold_minus_sft(result)
         L += [f"- The GOLD row to lead with: `{ch['gold_row']}`, the larger GOLD - SFT gap ("
               + ", ".join(f"{k} {_pts(v)}" for k, v in gold.items()) + " points). Both run on test and are reported."
               ] if ch["gold_row"] else []
