@@ -10,12 +10,11 @@ decay, clears AdamW's moments (each stage starts fresh, as the paper's three sep
 LR schedule and its gradient accumulation. Trainable parameters are fp32 master weights whatever dtype they loaded
 in; compute runs in bf16 under autocast on CUDA.
 
-The teacher's head is never part of the module: it stays a replicated, frozen `nn.Linear`, read by the losses
-(at 72B it is 2.5 GB per GPU once; gathering it per chunk would move those 2.5 GB several times a step).
+The teacher's head is never in the module: a replicated frozen `nn.Linear` (2.5 GB at 72B, never gathered per chunk).
 
 What is not the method plugs in from outside: a `Backend` (how the module is prepared: one process or DDP here;
-FSDP2 and ZeRO-3 in `scale.backends`) and `Callback`s (checkpoints and resume, evaluation after a stage, a
-launch's probes), as minGPT's trainer callbacks do.
+FSDP2 and ZeRO-3 in `scale.backends`), `Callback`s (checkpoints and resume, evaluation after a stage, a launch's
+probes), as minGPT's trainer callbacks do, and a data set's own loader (`data.make_loader`: render workers).
 """
 from __future__ import annotations
 
@@ -389,7 +388,8 @@ def train_stage(stage: int, student, data, cfg: StageConfig, teacher=None, recal
     sched = engine.begin(stage, cfg)
     acc, module, opt = engine.acc, engine.module, engine.opt
     g = torch.Generator().manual_seed(cfg.seed + stage)
-    loader = make_loader(data, cfg, acc, g, make_collate(student, teacher if distil else None))
+    own = getattr(data, "make_loader", lambda *a: make_loader(data, *a))  # a lazy data set's own (data/feed.py)
+    loader = own(cfg, acc, g, make_collate(student, teacher if distil else None))
     if teacher is not None and distil:
         teacher.to(acc.device)
     st = LoopState(stage, cfg, engine, Batches(loader, g), data, student.tokenizer, recal, riders)

@@ -18,8 +18,7 @@ from minigenrecal.chunked import fused_head_loss
 
 
 def answer_rows(x: torch.Tensor, q_lens, a_lens, shift: int = -1) -> torch.Tensor:
-    """Rows Lq+shift .. Lq+La-1+shift of each sample, flattened: (sum La, ...). shift=-1: predicting rows.
-    The lengths are lists or host tensors (the loop keeps them on the host: reading them from a device would wait)."""
+    """Rows Lq+shift .. Lq+La-1+shift of each sample, flattened: (sum La, ...); lengths on the host (lists, tensors)."""
     qs, as_ = (v.tolist() if torch.is_tensor(v) else v for v in (q_lens, a_lens))
     return torch.cat([x[b, q + shift: q + a + shift] for b, (q, a) in enumerate(zip(qs, as_))])
 
@@ -37,6 +36,12 @@ class TeacherOut:
     @property
     def q_lens(self) -> torch.Tensor:
         return torch.tensor([len(q) for q in self.z_q])
+
+    def select(self, rows: list[int]) -> "TeacherOut":
+        """Samples `rows` only (the regularization path's when a cache kept z_q for some: the others' have width 0)."""
+        r = torch.cat([torch.arange(int(self.a_lens[:b].sum()), int(self.a_lens[:b + 1].sum())) for b in rows])
+        return TeacherOut([self.z_q[b] for b in rows], [self.z_a[b] for b in rows], self.z_pred[r], self.labels[r],
+                          self.a_lens[rows])
 
     def to(self, device, dtype=None) -> "TeacherOut":
         mv = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
@@ -66,8 +71,7 @@ def head_losses(h: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, head: 
                 tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE, KL) of recalibrated features h (N, d_l) read by the frozen teacher head, against labels and the teacher's
     own logits head(z_t). Naive: (N, V_l) logits; `fused_paths` is the same loss in bounded memory."""
-    # Both matmuls run in the frozen head's dtype, as in the chunked path: under FSDP2's or DeepSpeed's bf16 compute
-    # the Recalibrator's rows arrive in bf16 while a replicated head may be held in the teacher's own dtype.
+    # Both matmuls in the frozen head's dtype, as chunked: bf16 rows (FSDP2/DeepSpeed) meet a head in the teacher's.
     w_dtype = head.weight.dtype
     logits = head(h.to(w_dtype)).float()  # (N, V_l)
     with torch.no_grad():
@@ -90,7 +94,6 @@ def recal_path(recal, z_q: list[torch.Tensor], t: TeacherOut, head: nn.Linear,
 
 def fused_paths(recal, z_qs: list[list[torch.Tensor]], t: TeacherOut, head: nn.Linear, tau: float, w_ce: float,
                 w_kl: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every Recalibrator path (z_qs: main, then regularization) through one fused loss against the teacher's targets:
-    (w_ce CE + w_kl KL summed over the paths, the (P, 2) record of each path's (CE, KL))."""
+    """Every path (z_qs: main, then reg) in one fused loss: (w_ce CE + w_kl KL summed, the (P, 2) (CE, KL) record)."""
     hs = [recal(z_q, t.z_a, predicting_only=True, a_pos=t.q_lens.tolist()) for z_q in z_qs]  # (N, d_l) each
     return fused_head_loss(hs, t.z_pred, t.labels, head.weight, head.bias, tau, w_ce, w_kl, chunk_size)

@@ -92,11 +92,7 @@ def set_trainable(stage: int, student: nn.Module, recal: nn.Module | None, teach
 # -- the frozen teacher's forward: one function, so it can be cached --------------------------------------
 @torch.no_grad()
 def teacher_forward(teacher, t_batch: dict, answer_input: str = "features") -> TeacherOut:
-    """Run the frozen teacher body once and cut what the losses need.
-
-    answer_input='embeddings' is our extension (not the paper's): the Recalibrator gets the teacher's answer
-    input embeddings instead of its contextualized answer features, so only the student's question sees the image.
-    """
+    """Run the frozen teacher body once and cut what the losses need ('embeddings': ours, docs/method.md dec. 4)."""
     z = teacher.body(t_batch)  # (B, T_l, d_l)
     emb = teacher.embed(t_batch["input_ids"]).to(z.dtype) if answer_input == "embeddings" else None
     return split_teacher(z, t_batch["input_ids"], t_batch["q_lens"], t_batch["a_lens"], emb)  # host lengths
@@ -114,8 +110,7 @@ class GenRecal(nn.Module):
         object.__setattr__(self, "teacher_head", teacher_head)
 
     def main_rows(self, z_qs: list[torch.Tensor], z_s: torch.Tensor, s_batch: dict, t: TeacherOut) -> torch.Tensor:
-        """The main path's answer-predicting rows (N, d_l), read by the teacher's head. A variant of the method
-        overrides this and nothing else (the unfused loss reads it; study/variants.py)."""
+        """The main path's answer-predicting rows (N, d_l); a variant overrides only this (study/variants.py)."""
         return recal_rows(self.recal, z_qs, t)
 
     def forward(self, stage: int, s_batch: dict, t: TeacherOut | None, cfg: StageConfig) -> dict[str, torch.Tensor]:
@@ -124,16 +119,21 @@ class GenRecal(nn.Module):
             with torch.set_grad_enabled(stage == 2):
                 z_s = self.student_view.body(s_batch)  # (B, T_s, d_s)
             z_qs = [z_s[b, :q] for b, q in enumerate(s_batch["q_lens"].tolist())]  # host lengths: no device read
+            has = [b for b, q in enumerate(t.z_q) if q.shape[-1]] if cfg.reg else []  # reg path: samples with z_q
+            t_reg = t if len(has) == len(t.z_q) else t.select(has) if has else None  # (a cache may keep it for some)
+            z_ql, zero = lambda: [self.recal.proj_pre(q) for q in t_reg.z_q], t.z_pred.new_zeros(())  # (Lq_l, d_s)
             if cfg.chunk_size is None:  # unfused: each term its own tensor (the tiny pair's histories are pinned)
                 terms["ce_main"], terms["kl_main"] = head_losses(self.main_rows(z_qs, z_s, s_batch, t), t.z_pred,
                                                                  t.labels, self.teacher_head, cfg.tau)
-                if cfg.reg:
-                    z_ql = [self.recal.proj_pre(q) for q in t.z_q]  # (Lq_l, d_s) each
-                    terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql, t, self.teacher_head, cfg.tau)
+                if cfg.reg:  # none with z_q: the terms are 0
+                    terms["ce_reg"], terms["kl_reg"] = recal_path(self.recal, z_ql(), t_reg, self.teacher_head,
+                                                                  cfg.tau) if has else (zero, zero)
             else:  # fused (chunked.py): the weighted head terms as one loss; their values are kept for the record
-                paths = [z_qs] + ([[self.recal.proj_pre(q) for q in t.z_q]] if cfg.reg else [])
-                fused, parts = fused_paths(self.recal, paths, t, self.teacher_head, cfg.tau, cfg.w_ce, cfg.w_kl,
-                                           cfg.chunk_size)
+                args = (self.teacher_head, cfg.tau, cfg.w_ce, cfg.w_kl, cfg.chunk_size)
+                fused, parts = fused_paths(self.recal, [z_qs] + ([z_ql()] if t_reg is t else []), t, *args)
+                if cfg.reg and t_reg is not t:  # the subsample with z_q: a fused loss of its own; none: 0
+                    f, p = fused_paths(self.recal, [z_ql()], t_reg, *args) if has else (zero, parts.new_zeros(1, 2))
+                    fused, parts = fused + f, torch.cat([parts, p])
                 for name, (ce, kl) in zip(("main", "reg"), parts):
                     terms[f"ce_{name}"], terms[f"kl_{name}"] = ce, kl
         if stage in (2, 3):

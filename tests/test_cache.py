@@ -5,25 +5,17 @@ import pytest
 import torch
 
 from minigenrecal.scale.cache import TeacherCache, build_cache
-from minigenrecal.data.synthetic import make_split
 from minigenrecal.recalibrator import Recalibrator
 from minigenrecal.loop import PairData, train_stage
 from minigenrecal.stages import StageConfig, stage_loss, teacher_forward
-from minigenrecal.models.tiny import build_student, build_teacher
-from minigenrecal.models.vlm import VLMView
 
 torch.set_num_threads(1)
 N = 10
 
 
 @pytest.fixture(scope="module")
-def pair():
-    t_model, t_proc = build_teacher(seed=3)
-    s_model, s_proc = build_student(seed=0)
-    teacher = VLMView(t_model.requires_grad_(False), t_proc, name="teacher")
-    student = VLMView(s_model, s_proc, name="student")
-    samples = make_split(0, "train", N)
-    return teacher, student, samples
+def pair(cache_pair):
+    return cache_pair
 
 
 def _live(teacher, samples, idx, answer_input="features"):

@@ -1,7 +1,5 @@
 """Building a teacher cache for a real run: shards capped by bytes, resume after an interruption, LLaVA data with
 bad samples skipped and recorded, two processes equal to one, lookup by id, the size estimate and the docs' table."""
-import contextlib
-import io
 import json
 import os
 import re
@@ -11,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_when_written, run_cli
 
 from minigenrecal.scale import cache as C
 from minigenrecal.scale.cache import TeacherCache, build_cache, parse_bytes, sample_bytes, size_arithmetic
@@ -77,13 +76,7 @@ def test_interrupted_build_resumes_to_identical_files(teacher, samples, tmp_path
     # interrupt where the next shard starts inside a batch: the resume must recompute that batch whole
     k = next(i for i, s in enumerate(full["shards"]) if i > 1 and
              json.loads((tmp_path / "full" / f"{C._name(0, i)}.json").read_text())["start"] % 5)
-    write_json = C._write_json
-
-    def killed_at_shard_k(path, obj):
-        if path.name == f"{C._name(0, k)}.json":
-            raise RuntimeError("killed")
-        write_json(path, obj)
-    monkeypatch.setattr(C, "_write_json", killed_at_shard_k)
+    kill_when_written(monkeypatch, C, f"{C._name(0, k)}.json")
     part = tmp_path / "part"
     with pytest.raises(RuntimeError, match="killed"):
         build_cache(teacher, samples, part, **kw)
@@ -152,18 +145,10 @@ def _args(data_file, out) -> list[str]:
             "--per_device_eval_batch_size", "5", "--shard-bytes", CAP]
 
 
-def _run_cli(argv: list[str]) -> str:
-    from minigenrecal.cli import main
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        main(argv)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def one_process(data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "cache"
-    return out, _run_cli(_args(data_file, out))
+    return out, run_cli(_args(data_file, out))
 
 
 def test_cache_teacher_data_skips_and_records_bad_samples(data_file, one_process):
@@ -184,7 +169,7 @@ def test_cache_teacher_data_skips_and_records_bad_samples(data_file, one_process
 def test_cache_teacher_strict_fails_on_the_first_bad_sample(data_file, tmp_path):
     from minigenrecal.data.llava import SampleError
     with pytest.raises(SampleError, match="sample no-image: image file .* not found"):
-        _run_cli([*_args(data_file, tmp_path / "cache"), "--strict"])
+        run_cli([*_args(data_file, tmp_path / "cache"), "--strict"])
 
 
 LAUNCHES = {"ddp": ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
@@ -222,9 +207,11 @@ def test_two_processes_equal_one(data_file, one_process, tmp_path, launch, port)
     assert torch.equal(one.head().weight, two.head().weight)
 
 
-def test_size_estimate_within_10_percent(tmp_path):
+@pytest.mark.parametrize("store", [[], ["--store", "answers", "--reg-every", "16"]])
+def test_size_estimate_within_10_percent(tmp_path, store):
     out = tmp_path / "cache"
-    stdout = _run_cli(["cache-teacher", "--preset", "tiny", "--n", "200", "--output_dir", str(out), "--shard-bytes", "256KiB"])
+    stdout = run_cli(["cache-teacher", "--preset", "tiny", "--n", "200", "--output_dir", str(out), "--shard-bytes",
+                       "256KiB", *store])
     m = re.search(r"= ([\d,]+) B \(.*\) in (\d+) shard\(s\)", stdout)
     estimate, shards = int(m.group(1).replace(",", "")), int(m.group(2))
     assert f"over the first {C.ESTIMATE_SAMPLES} samples" in stdout
@@ -248,12 +235,32 @@ def test_docs_size_table_is_the_arithmetic():
     assert load_teacher()[0].get_output_embeddings().weight.shape[1] == int(num(rows[0][1]))  # tiny's d_l
 
 
+def test_docs_answers_table_is_the_arithmetic():
+    """docs/cache.md's `--store answers` table for 1M samples: K = 1, 16, 64 per preset, each number recomputed from
+    the full table's token counts and heads."""
+    from minigenrecal.models.presets import PRESETS
+    text = (ROOT / "docs" / "cache.md").read_text()
+    num = lambda s: float(s.replace(",", ""))
+    dims = {r[0]: r[1:] for r in re.findall(r"^\| `([^`]+)` \| ([\d,]+) \| ([\d.,]+) \| ([\d.,]+) \| [\d,]+ \| "
+                                           r"([\d,]+) \|", text, re.M)}
+    rows = re.findall(r"^\| `([^`]+)` \| (\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+ [GT]iB) \| "
+                      r"([\d.]+)% \|", text, re.M)
+    assert sorted({r[0] for r in rows}) == sorted(PRESETS) and [int(r[1]) for r in rows] == [1, 16, 64] * len(PRESETS)
+    for name, k, per, total, shards, human, share in rows:
+        d, lq, la, head = dims[name]
+        e = size_arithmetic(10 ** 6, num(lq), num(la), int(num(d)), int(num(head)), store="answers", reg_every=int(k))
+        assert (round(e["bytes_per_sample"]), e["total_bytes"], e["shards"]) == (num(per), num(total), num(shards)), name
+        assert C.format_bytes(e["total_bytes"]) == human, name
+        full = size_arithmetic(10 ** 6, num(lq), num(la), int(num(d)), int(num(head)))["total_bytes"]
+        assert f"{100 * e['total_bytes'] / full:.1f}" == share, name
+
+
 def test_cache_then_train_recipe(data_file, one_process, tmp_path):
     """The README's recipe: cache the teacher over a data file, then train stages 1-2 from the cache over the same
     file. Samples are looked up by id, so the ones the build skipped are left out of training and recorded."""
     cache_dir, _ = one_process
     out = tmp_path / "run"
-    stdout = _run_cli(["train", "--preset", "tiny", "--data", str(data_file), "--cache", str(cache_dir),
+    stdout = run_cli(["train", "--preset", "tiny", "--data", str(data_file), "--cache", str(cache_dir),
                        "--stages", "1,2", "--max_steps", "1", "--per_device_train_batch_size", "4", "--quiet", "--save_steps", "0",
                        "--output_dir", str(out)])
     log = json.loads((out / "train_log.json").read_text())
@@ -267,7 +274,7 @@ def test_cache_then_train_recipe(data_file, one_process, tmp_path):
     records = json.loads(data_file.read_text())
     subset = tmp_path / "subset.json"
     subset.write_text(json.dumps(list(reversed(records))[:6]))
-    stdout = _run_cli(["train", "--preset", "tiny", "--data", str(subset), "--image-root", str(data_file.parent),
+    stdout = run_cli(["train", "--preset", "tiny", "--data", str(subset), "--image-root", str(data_file.parent),
                        "--cache", str(cache_dir), "--stages", "1", "--max_steps", "1", "--per_device_train_batch_size", "2", "--quiet",
                        "--save_steps", "0", "--output_dir", str(tmp_path / "run2")])
     assert "training on" in stdout

@@ -206,6 +206,8 @@ def _stand_in_hub(monkeypatch, attn_impl="eager"):
     chat = RemoteLayoutInternVL(native)
     calls = {}
 
+    calls["chat"] = chat
+
     def model_from_pretrained(name, **kw):
         calls["model"] = kw
         return chat
@@ -281,3 +283,43 @@ def test_internvl_adapter_builds_no_kv_cache():
     with torch.no_grad():
         view.body(view.collate([view.encode(s) for s in make_split(0, "train", 2)]))
     assert caches == [None]
+
+
+class _Rope(nn.Module):
+    """InternLM2's rotary embedding as transformers 5 leaves it: tables not in the checkpoint, never initialised."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.full((4,), float("nan")), persistent=False)
+
+    def _init_rope(self):
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+
+
+class _ListTied(nn.Module):
+    _tied_weights_keys = ["output.weight"]  # transformers 4's form, as InternLM2ForCausalLM has it
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.config = SimpleNamespace(tie_word_embeddings=tied)
+
+
+def test_remote_code_written_for_transformers_4_loads_on_transformers_5(monkeypatch):
+    """What InternVL2.5's remote code needs on transformers 5 (benchmarks/check_internvl_remote_code.py found each on
+    tiny models built from it): a generation_config where a second load of the class gets none, InternLM2's rotary
+    tables rebuilt (they load uninitialised), a list `_tied_weights_keys` made the dict transformers 5 saves with."""
+    import copy
+    from minigenrecal.models.hub import load_hub_vlm
+    calls = _stand_in_hub(monkeypatch, "sdpa")
+    chat = calls["chat"]
+    chat.generation_config = None
+    chat.language_model.rope = _Rope()
+    chat.tied = _ListTied(tied=False)
+    adapter, proc = load_hub_vlm("OpenGVLab/InternVL2_5-8B", "float32", remote_code=True, attn="sdpa", revision="0123abc")
+    assert adapter.generation_config.eos_token_id == proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.testing.assert_close(chat.language_model.rope.inv_freq, torch.tensor([1.0, 0.1, 0.01, 0.001]))
+    assert chat.tied._tied_weights_keys == {} and _ListTied._tied_weights_keys == ["output.weight"]
+    assert copy.deepcopy(adapter.config).get_text_config() is not None  # no endless __getattr__ recursion
+    chat.tied = _ListTied(tied=True)
+    with pytest.raises(ValueError, match="ties its embeddings"):
+        load_hub_vlm("OpenGVLab/InternVL2_5-8B", "float32", remote_code=True, attn="sdpa", revision="0123abc")

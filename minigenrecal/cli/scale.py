@@ -43,6 +43,15 @@ def add_launch_command(sub) -> None:
                         "front); bad samples are found, skipped and reported as training meets them")
     t.add_argument("--stream", action="store_true",
                    help="with --data: like --lazy, read in order as a stream (JSONL: a process parses only its lines)")
+    t.add_argument("--dataloader_num_workers", type=int, default=None,
+                   help="with --lazy/--stream: processes that render samples beside training (default: the preset's; "
+                        "0 renders in the training process)")
+    t.add_argument("--shuffle_buffer", type=int, default=None,
+                   help="with --stream: records in its shuffle buffer, each pass in a new order (default: the preset's;"
+                        " 0 reads in order)")
+    t.add_argument("--length_buckets", type=int, default=None,
+                   help="with --stream: sort windows of this many batches by length, then shuffle their batches "
+                        "(default: the preset's; 0 off)")
     t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
     t.add_argument("--cache", default=None, help="teacher cache dir: stages 1-2 without the teacher body")
@@ -92,6 +101,15 @@ def add_cache_command(sub) -> None:
     c.add_argument("--dtype", default="bfloat16", help="stored feature dtype (bfloat16, float16, float32)")
     c.add_argument("--answer-input", default="features", choices=["features", "embeddings"],
                    help="what the Recalibrator reads at answer positions: teacher features or answer embeddings")
+    c.add_argument("--store", default="full", choices=["full", "answers"],
+                   help="full: every feature a sample's losses read (default); answers: the answer-predicting rows, "
+                        "and the question features only for the samples --reg-every selects (docs/cache.md)")
+    c.add_argument("--reg-every", type=int, default=1, metavar="K",
+                   help="with --store answers: samples at input positions divisible by K keep their question "
+                        "features, which the regularization path trains on (default 1: all)")
+    c.add_argument("--stream", action="store_true",
+                   help="with --data: read the records in order and decode only the current batch's images (bounded "
+                        "memory; several processes and resume as without it; docs/cache.md)")
     c.add_argument("--teacher-dir", default=None, help="tiny preset: a teacher checkpoint other than the shipped one")
     c.set_defaults(fn=cache_teacher)
 

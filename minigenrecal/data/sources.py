@@ -33,9 +33,10 @@ Decisions:
 - **Ids.** A record without an id is named `<name>[r]` (r: its index in the whole source, as `read_llava_json`
   names it); in a `datasets` stream, where that index is unknown, `<name>[<rank>.<j>]` (its j-th record on that
   rank). Relative image paths start at `image_root` (default: the data file's folder, else the current folder).
-- **Processes.** `skipped` and a stream's `sample_id` live in the process that reads the data: load in the main
-  process (`num_workers=0`, as `loop.train_stage` does). DataLoader workers still read disjoint parts of a
-  stream, but their skip records stay in the workers.
+- **Processes.** `skipped` and a stream's `sample_id` live in the training process. Rendering can go to workers
+  (`workers=N`, data/feed.py): a map-style share's DataLoader workers send their skip records back with the
+  items; a stream is read here and only rendered in forked workers. A bare DataLoader with `num_workers` over a
+  stream would split it among its workers and keep their skip records there: use `workers` instead.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minigenrecal.data.feed import AHEAD, WorkerFed, bucketed, ordered, pass_seed, worker_loader
 from minigenrecal.data.llava import (
     MULTI_TURN,
     SampleError,
@@ -61,7 +63,7 @@ from minigenrecal.data.llava import (
     to_rgb,
 )
 from minigenrecal.data.synthetic import Sample
-from minigenrecal.loop import RankLocal
+from minigenrecal.loop import RankLocal, make_loader
 
 View = object  # a models.vlm.VLMView (or any object with its `encode`); data sits below models
 
@@ -325,9 +327,13 @@ class SkipLog:
     def __call__(self, sid: str, e: SampleError) -> None:
         if self.records is None:
             raise e
-        if sid not in self.seen:
-            self.seen.add(sid)
-            self.records.append(skip_entry(sid, e))
+        self.record(skip_entry(sid, e))
+
+    def record(self, entry: dict) -> None:
+        """Add a skip record {"id", "reason"} (one a render worker wrote), unless its id is recorded already."""
+        if entry["id"] not in self.seen:
+            self.seen.add(entry["id"])
+            self.records.append(entry)
 
 
 def _check_policy(multi_turn: str) -> None:
@@ -400,11 +406,17 @@ class LazyPairData(RankLocal):
     `strict`) and the next good item after it is returned instead, with its own index."""
 
     def __init__(self, records: MapRecords, student: View, teacher: View | None = None, *,
-                 multi_turn: str = "reject", strict: bool = False, skipped: list | None = None):
+                 multi_turn: str = "reject", strict: bool = False, skipped: list | None = None, workers: int = 0):
         self.samples = LazySamples(records, multi_turn)
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.workers = student, teacher, workers
         self.skipped = [] if skipped is None else skipped
         self.log, self.bad = SkipLog(None if strict else self.skipped), set()
+
+    def make_loader(self, cfg, acc, g: torch.Generator, collate):
+        """The loop's loader: `loop.make_loader`'s, rendered by `workers` DataLoader workers (feed.py)."""
+        if not self.workers:
+            return make_loader(self, cfg, acc, g, collate)
+        return WorkerFed(worker_loader(self, cfg.batch_size, g, collate, self.workers), self, acc.device)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -428,12 +440,13 @@ class LazyPairData(RankLocal):
         n = len(self)
         if not 0 <= i < n:
             raise IndexError(f"item {i} of {n}")
+        before = len(self.skipped)
         for j in (x % n for x in range(i, i + n)):
             if j in self.bad:
                 continue
             item = self._try(j)
-            if item is not None:
-                return item
+            if item is not None:  # in a DataLoader worker, with the skip records it wrote (feed.WorkerFed)
+                return item if torch.utils.data.get_worker_info() is None else (*item, self.skipped[before:])
             self.bad.add(j)
         raise ValueError(f"no usable sample: all {n} were rejected (first: {self.skipped[:1]})")
 
@@ -441,25 +454,68 @@ class LazyPairData(RankLocal):
 class StreamPairData(torch.utils.data.IterableDataset):
     """A stream of `(student Encoded, teacher Encoded or None, k)`, k counting the samples this reader has yielded.
     Bad samples are recorded in `skipped` (once, across passes) and not yielded, or raised when `strict`.
-    `sample_id(k)` names one of the last `id_window` samples (the loop names a batch's samples in its errors)."""
+    `sample_id(k)` names one of the last `id_window` samples (the loop names a batch's samples in its errors).
+    `workers` render its records in forked processes; `buckets` sorts windows of that many batches by length; a
+    `StreamPosition`'s shuffle buffer draws each pass's seed from the stage's generator (feed.py)."""
 
     def __init__(self, records, student: View, teacher: View | None = None, *, multi_turn: str = "reject",
-                 strict: bool = False, skipped: list | None = None, id_window: int = 65536):
+                 strict: bool = False, skipped: list | None = None, id_window: int = 65536, workers: int = 0,
+                 buckets: int = 0):
         _check_policy(multi_turn)
         self.records, self.student, self.teacher, self.multi_turn = records, student, teacher, multi_turn
         self.skipped = [] if skipped is None else skipped
         self.log = SkipLog(None if strict else self.skipped)
         self.count, self.ids = 0, [None] * id_window
+        self.workers, self.buckets, self.batch_size, self.generator = workers, buckets, 1, None
+        self.done, self.drop, self.mark = 0, 0, (0, 0)  # records done this pass; a resume's position (feed.py)
+
+    def make_loader(self, cfg, acc, g: torch.Generator, collate):
+        """In order, one process reading (`loop.make_loader`'s); each pass's seed comes from `g`."""
+        self.batch_size, self.generator = cfg.batch_size, g
+        return make_loader(self, cfg, acc, g, collate)
+
+    def _render(self, record: Record) -> list[tuple[str, tuple | SampleError]]:
+        """(sample id, rendered pair or the SampleError) per sample of a record (one image decode)."""
+        try:
+            samples = record.samples(self.multi_turn)
+        except SampleError as e:
+            return [(record.id, e)]
+        out = []
+        for s in samples:
+            try:
+                out.append((s.id, _encode(self.student, self.teacher, s)))
+            except SampleError as e:
+                out.append((s.id, e))
+        return out
+
+    def _samples(self) -> Iterator[tuple[tuple, str]]:
+        for results in ordered(self._render, self.records, self.workers, ahead=AHEAD * self.batch_size):
+            self.done += 1  # counted before its samples are yielded: a checkpoint between them skips the record
+            for sid, out in results:
+                if isinstance(out, SampleError):
+                    self.log(sid, out)
+                else:
+                    yield out, sid
+
+    def _window(self) -> int:
+        """A bucket window begins: its position (records done, samples yielded) and its seed's label."""
+        self.mark = (self.done, self.count)
+        return self.done
 
     def __iter__(self):
-        for s in iter_samples(self.records, self.multi_turn, self.log):
-            try:
-                pair = _encode(self.student, self.teacher, s)
-            except SampleError as e:
-                self.log(s.id, e)
-                continue
+        shuffle = getattr(self.records, "shuffle_buffer", 0) > 1
+        seed = pass_seed(self.generator) if shuffle or self.buckets > 1 else 0
+        if shuffle:
+            self.records.seed = seed
+        self.done = getattr(self.records, "skip", 0)  # a resume starts after the records it skips
+        size = self.buckets * self.batch_size
+        key = lambda x: sum(len(e.input_ids) for e in x[0] if e is not None)  # noqa: E731
+        for pair, sid in bucketed(self._samples(), size, self.batch_size, key, seed, self._window):
             k, self.count = self.count, self.count + 1
-            self.ids[k % len(self.ids)] = (k, s.id)
+            self.ids[k % len(self.ids)] = (k, sid)
+            if self.drop:  # yielded before the checkpoint this run resumed from
+                self.drop -= 1
+                continue
             yield (*pair, k)
 
     def sample_id(self, k: int) -> str:

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-from transformers import AutoModel, AutoModelForImageTextToText, AutoTokenizer, GotOcr2ImageProcessorPil
+from transformers import (AutoModel, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+                          GotOcr2ImageProcessorPil)
 
 from minigenrecal.models.families import SimpleProcessor, load_processor, model_type_of_dir
 
@@ -99,6 +100,8 @@ class _ChatConfig:
         self._cfg = cfg
 
     def __getattr__(self, k):
+        if k == "_cfg" or k.startswith("__"):  # copy.copy/deepcopy probe dunders before _cfg exists
+            raise AttributeError(k)
         return getattr(self._cfg, k)
 
     def get_text_config(self, *a, **k):
@@ -174,10 +177,32 @@ def pinned(hub_id: str, revision: str | None, remote_code: bool) -> dict:
     return {"revision": revision} if revision else {}
 
 
+def for_transformers5(chat: nn.Module) -> None:
+    """What InternVL2.5's remote code, written for transformers 4, needs on transformers 5 (each found by
+    `benchmarks/check_internvl_remote_code.py` on tiny models built from that code):
+    - a `generation_config`: transformers 5 gives one only to a class that can generate, and a second load of the
+      same remote class in one process gets none;
+    - InternLM2's rotary tables (`inv_freq`, `cos_cached`, `sin_cached`): not in the checkpoint and skipped by its
+      weight init, so they load uninitialised (NaN features in that check): rebuilt from the config;
+    - `_tied_weights_keys` as a list (transformers 4's form), on which transformers 5's save calls `.keys()`: an
+      untied model (InternVL2.5's LLMs are) ties nothing, `{}`."""
+    if getattr(chat, "generation_config", None) is None:
+        chat.generation_config = GenerationConfig.from_model_config(chat.config.llm_config)
+    for m in chat.language_model.modules():
+        if hasattr(m, "_init_rope"):
+            m._init_rope()
+    for m in chat.modules():
+        if isinstance(getattr(m, "_tied_weights_keys", None), list):
+            if getattr(getattr(m, "config", None), "tie_word_embeddings", False):
+                raise ValueError(f"{type(m).__name__} ties its embeddings and lists `_tied_weights_keys` in "
+                                 "transformers 4's form: map each tied key to its source for transformers 5")
+            m._tied_weights_keys = {}
+
+
 def prefer_sdpa(lm: nn.Module) -> str:
     """Switch a loaded LLM off eager attention where its class allows SDPA; returns the implementation it runs.
-    InternVL's remote code sets its LLM to 'eager' unless flash-attn is installed: the 78B's Qwen2 LLM is a
-    transformers class and takes SDPA here; the 8B's InternLM2 remote code has only 'eager' and
+    The 78B's Qwen2 LLM is a transformers class and runs SDPA (on transformers 5 it loads with SDPA already: the
+    remote code's 'eager' setting no longer reaches it); the 8B's InternLM2 remote code has only 'eager' and
     'flash_attention_2', so it needs flash-attn on the GPU machines (docs/scaling.md)."""
     impl = getattr(lm.config, "_attn_implementation", None) or "eager"
     if impl == "eager" and getattr(lm, "_supports_sdpa", False):
@@ -204,6 +229,7 @@ def load_hub_vlm(hub_id: str, dtype: str = "bfloat16", remote_code: bool = False
     # use_flash_attn: the remote code takes flash-attn where it is installed (its ViT too), else 'eager'
     chat = AutoModel.from_pretrained(hub_id, dtype=dt, trust_remote_code=True, low_cpu_mem_usage=True,
                                      use_flash_attn=attn != "eager", **pin).eval()
+    for_transformers5(chat)
     if attn != "eager":
         prefer_sdpa(chat.language_model)
     tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=True, use_fast=False, **pin)

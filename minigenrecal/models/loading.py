@@ -56,7 +56,10 @@ def student_loader(preset, tiny_random: bool):
 def checkpoint_activations(model: torch.nn.Module) -> list[str]:
     """Activation checkpointing on every layer stack of `model` that supports it (non-reentrant: frozen inputs and a
     student body run under no_grad in stage 1 need no special case); returns the names of the modules it switched
-    on. An InternVL2.5 adapter's LLM is the remote model's `language_model`, whose own save keys stay untouched."""
+    on. An InternVL2.5 adapter's LLM is the remote model's `language_model`, whose own save keys stay untouched.
+    InternLM2's and InternViT's remote code call `torch.utils.checkpoint` themselves, reentrant whatever is asked:
+    loss and gradients stay bit-identical there (benchmarks/check_internvl_remote_code.py, check d), since the
+    student's LLM trains in the stages that checkpoint."""
     target = model.chat.language_model if hasattr(model, "chat") else model
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]

@@ -30,6 +30,10 @@ class Preset:
     teacher_revision: str | None = None  # the hub commit to load; required where remote code runs (hub.pinned)
     student_revision: str | None = None
     global_batch: tuple[int, int, int] | None = None  # per stage; a launch derives grad_accum from its world size
+    # -- how `--lazy` / `--stream` data reaches the loop (data/feed.py; the command line's flags override them) --
+    workers: int = 0  # render workers per process (--dataloader_num_workers)
+    shuffle_buffer: int = 0  # a stream's shuffle buffer, in records (--shuffle_buffer)
+    length_buckets: int = 0  # a stream's length buckets, in batches per window (--length_buckets)
 
     def stages(self) -> dict[int, StageConfig]:
         return {1: self.stage1, 2: self.stage2, 3: self.stage3}
@@ -67,6 +71,10 @@ def _paper(batch: int, accum: int, chunk: int | None = 512) -> StageConfig:
 # The cluster presets: SDPA attention (eager's (B, heads, T, T) scores are about 23 GiB a layer for the 72B at
 # InternVL's 3,468-token questions), activation checkpointing, and the paper's global batches on any world size.
 CLUSTER = dict(attn="sdpa", checkpointing=True, global_batch=(8192, 4096, 8192))
+# Their data: 4 render workers per process (InternVL's tiling and both tokenizers off the training process), a stream
+# shuffled through 1,000 records (a JSONL record is a few KiB: text and an image path; `datasets` rows holding image
+# bytes cost more), and length buckets of 8 batches (docs/scaling.md, item 9).
+FEED = dict(workers=4, shuffle_buffer=1000, length_buckets=8)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny", teacher="tiny", student="tiny", n_train=1000,
@@ -79,19 +87,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("smolvlm-256m<-qwen2-vl-2b", teacher="Qwen/Qwen2-VL-2B-Instruct", student="HuggingFaceTB/SmolVLM-256M-Instruct",
            dtype="bfloat16", max_length=2048, n_train=100_000,
            stage1=_paper(8, 4), stage2=_paper(8, 4), stage3=_paper(8, 4), accelerate_config="configs/single_gpu.yaml",
-           attn="sdpa", checkpointing=True,
+           attn="sdpa", checkpointing=True, **FEED,
            note="one GPU (80 GB); V_l = 151,936"),
     Preset("qwen2-vl-7b<-qwen2-vl-72b", teacher="Qwen/Qwen2-VL-72B-Instruct", student="Qwen/Qwen2-VL-7B-Instruct",
            dtype="bfloat16", max_length=4096, n_train=1_000_000,
-           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER, **FEED,
            note="cluster; paper global batches 8192/4096/8192 (128 A100s)"),
     Preset("internvl2.5-8b<-internvl2.5-78b", teacher="OpenGVLab/InternVL2_5-78B", student="OpenGVLab/InternVL2_5-8B",
            dtype="bfloat16", max_length=4096, n_train=1_000_000, remote_code=True,
-           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER, **FEED,
            note="cluster; paper: 3.1 + 10.4 + 5.3 h on 128 A100 80GB"),
     Preset("qwen2-vl-7b<-internvl2.5-78b", teacher="OpenGVLab/InternVL2_5-78B", student="Qwen/Qwen2-VL-7B-Instruct",
            dtype="bfloat16", max_length=4096, n_train=1_000_000, remote_code=True,
-           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER,
+           stage1=_paper(8, 8), stage2=_paper(4, 8), stage3=_paper(8, 8), accelerate_config="configs/zero3.yaml", **CLUSTER, **FEED,
            note="cluster; cross-family, cross-tokenizer"),
 ]}
 

@@ -38,6 +38,7 @@ import torch
 from accelerate.data_loader import skip_first_batches
 from transformers import AutoTokenizer
 
+from minigenrecal.data.feed import WorkerFed, shuffled
 from minigenrecal.loop import Batches, Callback, LoopState, on_device
 from minigenrecal.models.vlm import VLMView
 
@@ -136,14 +137,16 @@ def with_saved_tokenizer(view, ckpt: "Checkpointer"):
 
 class StreamPosition:
     """A stream's records, counting those this pass has read (`read`), so that a resume can skip that many without
-    decoding their images (`skip`, taken by the next pass). Wrap the records a `StreamPairData` reads."""
+    decoding their images (`skip`, taken by the next pass). Wrap the records a `StreamPairData` reads. With a
+    `shuffle_buffer`, a pass reads them through it (data/feed.py), seeded by `seed` (the data sets it each pass);
+    a resume then reads the pass's records again, undecoded, up to its position."""
 
-    def __init__(self, records):
-        self.records, self.read, self.skip = records, 0, 0
+    def __init__(self, records, shuffle_buffer: int = 0):
+        self.records, self.read, self.skip, self.shuffle_buffer, self.seed = records, 0, 0, shuffle_buffer, 0
 
     def __iter__(self):
         skip, self.skip, self.read = self.skip, 0, 0
-        for record in self.records:  # a record is decoded only when its samples are asked for: not here
+        for record in shuffled(self.records, self.shuffle_buffer, self.seed):  # decoded later, not here
             self.read += 1
             if self.read > skip:
                 yield record
@@ -163,8 +166,10 @@ def data_position(data) -> dict:
     """This process's own part of the data position: a positioned stream's records read and samples yielded, and
     the bad samples a lazily read data set has met so far (its skip report)."""
     pos = {"skipped": list(data.skipped)} if hasattr(data, "skipped") and hasattr(data, "log") else {}
-    if _positioned(data):
-        pos.update(records=data.records.read, count=data.count)
+    if _positioned(data) and data.buckets > 1:  # the window it is in: rendered again, its yielded samples skipped
+        pos.update(records=data.mark[0], count=data.mark[1], replay=data.count - data.mark[1])
+    elif _positioned(data):
+        pos.update(records=data.done, count=data.count)
     return pos
 
 
@@ -182,13 +187,15 @@ def restore_batches(b: Batches, sd: dict, position: dict | None = None) -> None:
         data.log.seen = {x["id"] for x in position["skipped"]}
     if isinstance(data, torch.utils.data.IterableDataset):
         if _positioned(data) and "records" in position:
-            data.records.skip, data.count = position["records"], position["count"]
+            data.records.skip, data.count, data.drop = position["records"], position["count"], position.get("replay", 0)
             # the stream's iterator is made now, before the RNG is restored: it draws its base seed from the global
             # RNG, which the saved run did at the epoch's start, not at the resume point
             b.it = iter(on_device(iter(b.loader.loader), b.loader.device))
         else:
             for _ in range(sd["drawn"]):
                 next(b)
+    elif isinstance(b.loader, WorkerFed):  # rendered by DataLoader workers
+        b.it = iter(WorkerFed(skip_first_batches(b.loader.loader, sd["drawn"]), data, b.loader.device))
     elif hasattr(b.loader, "loader"):  # loop.on_device around a torch DataLoader
         b.it = iter(on_device(skip_first_batches(b.loader.loader, sd["drawn"]), b.loader.device))
     else:

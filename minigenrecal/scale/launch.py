@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from minigenrecal.chunked import fused_head_loss
-from minigenrecal.data.llava import read_llava_json
+from minigenrecal.data.llava import SampleError, read_llava_json
 from minigenrecal.data.pairs import encode_pairs, write_skip_report
 from minigenrecal.data.sources import LazyPairData, StreamPairData, open_source
 from minigenrecal.data.synthetic import make_split
@@ -41,7 +41,7 @@ from minigenrecal.scale.cache import TeacherCache
 from minigenrecal.scale.checkpoint import Checkpointer, StreamPosition, resolve_root, with_saved_tokenizer
 from minigenrecal.scale.manifest import run_manifest, write_manifest
 from minigenrecal.scale.model_card import write_model_card
-from minigenrecal.scale.tracking import Tracking
+from minigenrecal.scale.tracking import StepTimer, Tracking
 
 
 def local_bytes(model: torch.nn.Module) -> int:
@@ -110,28 +110,63 @@ def data_description(a, preset) -> str:
     return data + (" (teacher targets from a teacher cache)" if a.cache else "")
 
 
-def no_shared_samples(cache, a, samples) -> str:
-    """Why a cache cannot train on this data: the cache's source and the data's, with an id of each."""
+def no_shared_samples(cache, a, ids: list[str]) -> str:
+    """Why a cache cannot train on this data (whose sample ids are `ids`): the cache's source and the data's, with
+    an id of each."""
     meta = cache.meta
     built = (f"--data {meta['data']}" if "data" in meta else f"the synthetic {meta.get('split', 'train')} split, "
              f"--data-seed {meta.get('data_seed')}")
-    ids = cache.sample_ids
+    cached = cache.sample_ids
     source = f"--data {a.data}" if a.data else f"the synthetic train split, --data-seed {a.data_seed}"
-    return (f"the teacher cache {a.cache} holds none of the {len(samples)} training samples: it was built from "
-            f"{built} ({len(ids)} samples, e.g. {ids[0] if ids else 'none'!r}), training reads {source} (e.g. "
-            f"{samples[0].id!r}); build the cache from the same data (cache-teacher with the same --data/--data-seed "
+    return (f"the teacher cache {a.cache} holds none of the {len(ids)} training samples read: it was built from "
+            f"{built} ({len(cached)} samples, e.g. {cached[0] if cached else 'none'!r}), training reads {source} (e.g. "
+            f"{ids[0]!r}); build the cache from the same data (cache-teacher with the same --data/--data-seed "
             f"and --n), or pass the data it was built from")
 
 
-def lazy_data(a, acc, student, teacher, skipped: list | None):
+def feed_options(a, preset) -> dict:
+    """Render workers, a stream's shuffle buffer and length buckets: the flags, else the preset's (data/feed.py)."""
+    flags = {k: getattr(a, flag, None) for k, flag in (("workers", "dataloader_num_workers"),
+                                                       ("shuffle_buffer", "shuffle_buffer"), ("length_buckets", "length_buckets"))}
+    return {k: getattr(preset, k) if v is None else v for k, v in flags.items()}
+
+
+def lazy_data(a, acc, student, teacher, skipped: list | None, preset=None):
     """`--lazy` / `--stream`: this process's share of --data (record r to process r % P), nothing decoded up front;
-    each item is rendered on both sides when its batch is drawn (sources.py). `--lazy` shuffles the share,
-    `--stream` reads it in order (JSONL: a process parses only its own lines)."""
+    each item is rendered on both sides when its batch is drawn (sources.py), by `--dataloader_num_workers`
+    processes. `--lazy` shuffles the share; `--stream` reads it in order (JSONL: a process parses only its own
+    lines), through a shuffle buffer and length buckets where set."""
     records = open_source(a.data, acc.process_index, acc.num_processes, a.image_root)
+    feed = feed_options(a, preset or get_preset(a.preset))
     if a.stream:  # a resume skips the records read before it without decoding them
-        return StreamPairData(StreamPosition(records), student, teacher, multi_turn=a.multi_turn, strict=a.strict,
-                              skipped=skipped)
-    return LazyPairData(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped)
+        return StreamPairData(StreamPosition(records, feed["shuffle_buffer"]), student, teacher, multi_turn=a.multi_turn,
+                              strict=a.strict, skipped=skipped, workers=feed["workers"], buckets=feed["length_buckets"])
+    return LazyPairData(records, student, teacher, multi_turn=a.multi_turn, strict=a.strict, skipped=skipped,
+                        workers=feed["workers"])
+
+
+def check_shares_samples(cache, a, acc, k: int = 64) -> None:
+    """`--lazy`/`--stream` with `--cache`: raise `no_shared_samples` when none of the first `k` samples of this
+    process's share is cached (a cache of other data), reading their ids only (no image decoded). Later samples
+    the cache lacks are skipped and recorded as training meets them (`TeacherCache.only_cached`)."""
+    ids = []
+    for record in open_source(a.data, acc.process_index, acc.num_processes, a.image_root):
+        try:
+            ids += [f"{record.id}#{j}" for j in range(len(record.pairs(a.multi_turn)))]
+        except SampleError:
+            continue
+        if len(ids) >= k:
+            break
+    if ids and not any(i in cache for i in ids):
+        raise ValueError(no_shared_samples(cache, a, ids))
+
+
+def timing_line(timing: dict) -> str:
+    """The step time and loader share of each stage that ran, in one line."""
+    parts = [f"stage {s}: median step {t['step_ms']:.1f} ms, loader {100 * t['loader_share']:.1f}% of the time"
+             for s, t in timing.items() if isinstance(s, int)]
+    ratio = f"; stage 2 / stage 1 step time {timing['ratio_2_over_1']:.2f}" if "ratio_2_over_1" in timing else ""
+    return "timing (this process): " + "; ".join(parts) + ratio
 
 
 def gather_lists(items: list, world: int) -> list:
@@ -147,8 +182,6 @@ def run(a) -> dict:
     preset = get_preset(a.preset)
     backend = get_backend()
     lazy = bool(a.data) and (a.lazy or a.stream)
-    if lazy and a.cache:
-        raise ValueError("--cache looks every training sample up by id before training: use it without --lazy/--stream")
     torch.manual_seed(a.seed)
     skipped = None if a.strict else []  # bad samples: left out and recorded in OUT/skipped.jsonl, or fail fast
     samples = ([] if lazy else read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
@@ -156,9 +189,11 @@ def run(a) -> dict:
     teacher, cache = None, None
     if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
         cache = TeacherCache(a.cache)
+        if lazy:
+            check_shares_samples(cache, a, backend.acc)
         missing = [s for s in samples if s.id not in cache]
         if samples and len(missing) == len(samples):  # nothing would train: a cache of another data source
-            raise ValueError(no_shared_samples(cache, a, samples))
+            raise ValueError(no_shared_samples(cache, a, [s.id for s in samples]))
         if missing and a.strict:
             cache.indices([s.id for s in missing])  # raises, naming them and why the build left them out
         for s in missing:
@@ -180,8 +215,15 @@ def run(a) -> dict:
         student = with_saved_tokenizer(student, ckpt)
     elif a.save_steps > 0 and not a.no_save:
         ckpt = Checkpointer(out / "checkpoints", a.save_steps)
-    data = lazy_data(a, backend.acc, student, teacher, skipped) if lazy else encode_pairs(teacher, student, samples, skipped)
-    cache_fn = cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]) if cache is not None else None
+    if lazy:  # from a cache: the student side only, and a sample the cache lacks is skipped like a bad one
+        data = lazy_data(a, backend.acc, student if cache is None else cache.only_cached(student), teacher, skipped,
+                         preset)
+    else:
+        data = encode_pairs(teacher, student, samples, skipped)
+    cache_fn = None
+    if cache is not None:  # eager: the ids resolved once; lazy/stream: looked up as each batch is drawn
+        cache_fn = (cache.teacher_fn_by_id(data.sample_id) if lazy else
+                    cache.teacher_fn_for([data.sample_id(i) for i in range(len(data))]))
     torch.manual_seed(a.seed)
     recal = Recalibrator(d_l, student.text_config, preset.depth)
     if a.recal_in:
@@ -214,10 +256,14 @@ def run(a) -> dict:
     probe.write(0)
     tracking = Tracking(a.report_to, out, a.run_name, config=config, plan=cfgs, logging_steps=a.logging_steps,
                         main_process=acc.is_main_process)
+    timer = StepTimer()  # after the checkpointer: it times the batches a resume has positioned
     _, hists = run_stages(cfgs, student, data, teacher, recal, engine=engine, teacher_head=head, teacher_fn=cache_fn,
-                          progress=not a.quiet, callbacks=[c for c in (ckpt, probe, tracking) if c is not None],
+                          progress=not a.quiet, callbacks=[c for c in (ckpt, probe, tracking, timer) if c is not None],
                           max_skips=a.max_skips)
     tracking.finish()
+    log["timing"] = timer.summary()
+    if acc.is_main_process:
+        print(timing_line(log["timing"]))
     for stage, hist in hists.items():
         log["stages"][stage] = {"seconds": hist[-1].get("stage_seconds"), "last": hist[-1], "history": hist,
                                 "skipped": sum(h.get("skipped", False) for h in hist)}

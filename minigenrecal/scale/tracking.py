@@ -15,9 +15,16 @@ Decisions:
 - **Where.** tensorboard writes under OUT/runs/<run_name> (transformers' layout); trackio and wandb use their own
   stores and settings (e.g. `WANDB_MODE=offline`). Only the main process logs.
 - The run's configuration goes to each tracker as flat hyperparameters (`store_init_configuration`).
+- **Step time and the loader's share** (`StepTimer`, every `train` launch): per stage, the median wall time of an
+  optimizer step and the share of the stage's time spent drawing batches (`next(batches)`: rendering where it is
+  not done ahead, collate, the move to the device), its first `warmup` steps left out. The loop reads the step's
+  losses on the host once per step, so on a GPU a step's wall time includes its kernels. In OUT/train_log.json
+  (`timing`) and printed at the end.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
@@ -114,3 +121,50 @@ class Tracking(Callback):
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+class TimedBatches:
+    """The loop's batch iterator, timing each draw."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = batches, []
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.seconds.append(time.perf_counter() - t0)
+        return batch
+
+    def __getattr__(self, name):  # the position a checkpoint saves (epoch_state, drawn, ...): the wrapped iterator's
+        return getattr(self.batches, name)
+
+
+class StepTimer(Callback):
+    """Per stage: the wall time of each optimizer step and of each batch draw (`summary()`: medians and shares).
+    Put it after a resuming Checkpointer in the callbacks: it wraps the batches that one has positioned."""
+
+    def __init__(self, warmup: int = 4):
+        self.warmup, self.steps, self.draws = warmup, {}, {}
+
+    def on_stage_begin(self, st: LoopState) -> None:
+        st.batches = TimedBatches(st.batches)
+        self.steps[st.stage], self.draws[st.stage], self._t = [], st.batches.seconds, time.perf_counter()
+
+    def on_step_end(self, st: LoopState) -> None:
+        now = time.perf_counter()
+        self.steps[st.stage].append(now - self._t)
+        self._t = now
+
+    def summary(self) -> dict:
+        """{stage: step_ms (median), loader_share, steps timed}, and the stage-2 / stage-1 ratio of the medians."""
+        out = {}
+        for stage, steps in self.steps.items():
+            k = min(self.warmup, len(steps) // 4)  # a short stage keeps three quarters of its steps
+            timed = steps[k:]
+            draws = self.draws[stage][k * (len(self.draws[stage]) // max(len(steps), 1)):]
+            if timed:
+                out[stage] = {"step_ms": 1e3 * statistics.median(timed), "loader_share": sum(draws) / sum(timed),
+                              "steps": len(timed)}
+        if 1 in out and 2 in out:
+            out["ratio_2_over_1"] = out[2]["step_ms"] / out[1]["step_ms"]
+        return out
