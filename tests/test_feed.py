@@ -249,6 +249,12 @@ def test_train_with_render_workers_gives_the_same_history(tmp_path, mode):
     assert log["manifest"]["config"]["dataloader_num_workers"] == 2
 
 
+def test_a_negative_feed_flag_is_refused_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "x.jsonl", tmp_path / "run", "--stream", "--dataloader_num_workers", "-1")
+    assert "--dataloader_num_workers: must be 0 or more, got -1" in capsys.readouterr().err
+
+
 def test_train_reads_a_stream_through_its_buffer_and_buckets(tmp_path):
     path = _jsonl(tmp_path, n=12, bad=())
     plain, _ = _train(path, tmp_path / "plain", "--stream")

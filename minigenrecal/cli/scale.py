@@ -17,6 +17,14 @@ from minigenrecal.scale.launch import run
 
 
 # -- the command of minigenrecal.scale.launch ---------------------------------------------------------------------------
+def count(text: str) -> int:
+    """A whole number >= 0 (workers, records, batches), or argparse's error naming the flag."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def add_data_options(p) -> None:
     """--data, --image-root, --multi-turn, --strict: the same for `train` and `cache-teacher` (use the same values
     for both, so the cache holds the samples training asks for)."""
@@ -43,13 +51,13 @@ def add_launch_command(sub) -> None:
                         "front); bad samples are found, skipped and reported as training meets them")
     t.add_argument("--stream", action="store_true",
                    help="with --data: like --lazy, read in order as a stream (JSONL: a process parses only its lines)")
-    t.add_argument("--dataloader_num_workers", type=int, default=None,
+    t.add_argument("--dataloader_num_workers", type=count, default=None,
                    help="with --lazy/--stream: processes that render samples beside training (default: the preset's; "
                         "0 renders in the training process)")
-    t.add_argument("--shuffle_buffer", type=int, default=None,
+    t.add_argument("--shuffle_buffer", type=count, default=None,
                    help="with --stream: records in its shuffle buffer, each pass in a new order (default: the preset's;"
                         " 0 reads in order)")
-    t.add_argument("--length_buckets", type=int, default=None,
+    t.add_argument("--length_buckets", type=count, default=None,
                    help="with --stream: sort windows of this many batches by length, then shuffle their batches "
                         "(default: the preset's; 0 off)")
     t.add_argument("--n", type=int, default=None, help="synthetic samples (default: the preset's n_train)")

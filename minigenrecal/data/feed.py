@@ -18,6 +18,9 @@ Decisions:
     forked workers, in order, two batches of records ahead (or 2 x workers, if more): the next batch renders while
     this one trains. Its position (records done), its sample ids and its skip records stay where a checkpoint
     reads them.
+  - A stream's rendered samples come back pickled as plain bytes. torch's own sharing passes each tensor as a file
+    descriptor, about 1 ms apiece, more than copying a tiny sample; a 30 MiB InternVL sample costs about 30 ms to
+    pickle and 18 ms to unpickle, against 155 ms to tile (docs/scaling.md).
   - Workers run the same rendering function as the training process: the batches are bit-identical with or without
     them. Workers are forked (Linux's default): the views they render with are inherited, never pickled.
 - **A stream's shuffle buffer** (`shuffle_buffer` records; the algorithm of `datasets`' `IterableDataset.shuffle`):
@@ -29,7 +32,8 @@ Decisions:
 - **Length buckets** (`buckets` batches; a stream only): the stream renders `buckets x batch` samples, sorts them
   by length (the teacher's plus the student's tokens), cuts them into batches and yields those in a random order
   (seeded by the pass and the window). Fewer pad tokens; each window holds the same samples as without buckets.
-  A resume renders the window it stopped in once more and skips what was already yielded.
+  A resume renders the window it stopped in once more and skips what was already yielded. A `--lazy` share is not
+  bucketed: its lengths are known only once rendered, and its sampler draws the indices first.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
+
+from minigenrecal.loop import on_device
 
 AHEAD = 2  # batches in flight (a stream's render pool: at least 2 records per worker)
 
@@ -131,11 +137,13 @@ class WorkerFed:
         self.loader, self.data, self.device = loader, data, device
 
     def __iter__(self):
-        move = lambda b: None if b is None else {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
-        for (s, t, idx, host), skips in self.loader:
+        return iter(on_device(self._received(), self.device))
+
+    def _received(self):
+        for batch, skips in self.loader:
             for entry in skips:
                 self.data.log.record(entry)
-            yield move(s), move(t), idx, host
+            yield batch
 
 
 def with_skips(collate: Callable) -> Callable:
@@ -144,7 +152,9 @@ def with_skips(collate: Callable) -> Callable:
 
 
 def worker_loader(data, batch_size: int, g: torch.Generator, collate: Callable, workers: int) -> DataLoader:
-    """The map-style loader `loop.make_loader` builds for a share (shuffled by `g`), rendered by `workers`."""
+    """The map-style loader `loop.make_loader` builds for a share (shuffled by `g`), rendered by `workers`. Not
+    `persistent_workers`: a reused iterator draws from `g` otherwise than a new one, so a resumed run (a new loader)
+    would shuffle its next epoch differently (`tests/test_feed.py` sees it)."""
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(data) >= batch_size,
                       collate_fn=with_skips(collate), num_workers=workers, prefetch_factor=AHEAD,
                       multiprocessing_context="fork")
