@@ -51,6 +51,18 @@ def test_ordered_keeps_the_order_and_bounds_what_is_in_flight(workers):
     assert ahead <= (1 if workers == 0 else max(6, AHEAD * workers))
 
 
+def _big(i):
+    return {"x": torch.full((600, 600), float(i)), "i": torch.tensor([i])}  # 1.4 MB: crosses in shared memory
+
+
+def test_large_results_cross_in_shared_memory_and_small_ones_as_bytes():
+    from minigenrecal.data.feed import SHARE_BYTES, _nbytes
+    assert _nbytes(_big(0)) > SHARE_BYTES > _nbytes([_square(3), {"a": torch.zeros(10)}])
+    out = list(ordered(_big, range(5), workers=2))
+    assert [int(o["i"]) for o in out] == list(range(5))
+    assert all(torch.equal(o["x"], _big(i)["x"]) for i, o in enumerate(out))
+
+
 def test_buckets_sort_each_window_and_keep_its_samples():
     lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0, 11, 10, 12]
     out = list(bucketed(iter(lengths), 6, 2, key=lambda x: x, seed=0, on_window=lambda: 0))
