@@ -166,6 +166,18 @@ def test_stages_as_separate_launches_continue_from_the_saved_recalibrator(tmp_pa
     assert AutoModelForImageTextToText.from_pretrained(second / "student") is not None
 
 
+def test_recal_in_without_the_saved_student_is_refused_naming_it(tmp_path):
+    """Stage 3 after `--stages 1,2`: without `--student OUT/student` it would fine-tune the untrained student."""
+    from argparse import Namespace
+    from minigenrecal.models.presets import get_preset
+    from minigenrecal.scale.launch import check_recal_in
+    (tmp_path / "student").mkdir()
+    with pytest.raises(ValueError, match=f"pass --student {tmp_path / 'student'}"):
+        check_recal_in(Namespace(recal_in=str(tmp_path)), get_preset("tiny"))
+    check_recal_in(Namespace(recal_in=str(tmp_path)), get_preset("tiny", student=str(tmp_path / "student")))
+    check_recal_in(Namespace(recal_in=None), get_preset("tiny"))
+
+
 def test_run_genrecal_takes_a_datasets_dataset_with_an_image_column(capsys):
     """`run_genrecal(teacher, student, ds, ...)` with a `datasets.Dataset` (PIL images in an Image column, LLaVA
     conversations): the same samples as the list it was made from; a row without an image is skipped and said so."""

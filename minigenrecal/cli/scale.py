@@ -75,7 +75,8 @@ def add_launch_command(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="Recalibrator init and data-order seed")
     t.add_argument("--recal-in", default=None, metavar="DIR",
                    help="start from the Recalibrator an earlier launch saved (its OUTPUT_DIR, or the .safetensors "
-                        "file): stages as separate launches, e.g. --stages 3 after a --stages 1,2 launch")
+                        "file): stages as separate launches, e.g. --stages 3 --student OUT/student after a --stages "
+                        "1,2 launch")
     t.add_argument("--output_dir", default=None, help="default: runs/train, or the resumed run's directory")
     t.add_argument("--no-save", action="store_true", help="write nothing under OUTPUT_DIR (no student, no checkpoints)")
     t.add_argument("--save_steps", type=int, default=100,

@@ -90,6 +90,15 @@ def load_recal(recal, path: str | Path) -> None:
     recal.load_state_dict(load_file(str(path / "recalibrator.safetensors" if path.is_dir() else path)))
 
 
+def check_recal_in(a, preset) -> None:
+    """`--recal-in OUT` continues an earlier launch, whose student is OUT/student: `--student` must name it, or the
+    later stages would start from the student as it was before that launch."""
+    saved = Path(a.recal_in) / "student" if a.recal_in else None
+    if saved is not None and saved.is_dir() and Path(preset.student).resolve() != saved.resolve():
+        raise ValueError(f"--recal-in {a.recal_in} continues a launch that saved its student in {saved}: pass "
+                         f"--student {saved} (now {preset.student!r}), or the stages start from the untrained student")
+
+
 def stage_overrides(a) -> dict:
     """The command line's overrides for every stage: --max_steps, --per_device_train_batch_size,
     --gradient_accumulation_steps (an explicit accumulation wins over the one derived from the global batch)."""
@@ -180,6 +189,7 @@ def gather_lists(items: list, world: int) -> list:
 
 def run(a) -> dict:
     preset = get_preset(a.preset)
+    check_recal_in(a, preset)
     backend = get_backend()
     lazy = bool(a.data) and (a.lazy or a.stream)
     torch.manual_seed(a.seed)
