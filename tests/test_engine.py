@@ -163,6 +163,7 @@ def test_stages_as_separate_launches_continue_from_the_saved_recalibrator(tmp_pa
     saved = AutoModelForImageTextToText.from_pretrained(first / "student").state_dict()
     start = torch.load(tmp_path / "st" / "stage0-rank0.pt", weights_only=False)["params"]
     assert all(torch.equal(start["student." + k].float(), v.float()) for k, v in saved.items())  # where 1,2 ended
+    assert "teacher_local_bytes" not in start  # stage 3 alone loads no teacher (and renders no teacher side)
     assert AutoModelForImageTextToText.from_pretrained(second / "student") is not None
 
 
@@ -176,6 +177,8 @@ def test_recal_in_without_the_saved_student_is_refused_naming_it(tmp_path):
         check_recal_in(Namespace(recal_in=str(tmp_path)), get_preset("tiny"))
     check_recal_in(Namespace(recal_in=str(tmp_path)), get_preset("tiny", student=str(tmp_path / "student")))
     check_recal_in(Namespace(recal_in=None), get_preset("tiny"))
+    from minigenrecal.scale.launch import teacher_width
+    assert teacher_width(Namespace(recal_in=None, tiny_random=False), get_preset("tiny")) == 192  # its config only
 
 
 def test_run_genrecal_takes_a_datasets_dataset_with_an_image_column(capsys):

@@ -99,6 +99,16 @@ def check_recal_in(a, preset) -> None:
                          f"--student {saved} (now {preset.student!r}), or the stages start from the untrained student")
 
 
+def teacher_width(a, preset) -> int:
+    """The teacher's hidden size d_l (the Recalibrator's output width) without loading it: from the Recalibrator a
+    `--recal-in` launch saved, else from the teacher's config."""
+    saved = Path(a.recal_in) / "recalibrator.json" if a.recal_in else None
+    if saved is not None and saved.is_file():
+        return json.loads(saved.read_text())["d_l"]
+    cfg = teacher_loader(preset, a.tiny_random).config()
+    return (getattr(cfg, "llm_config", None) or cfg.get_text_config()).hidden_size
+
+
 def stage_overrides(a) -> dict:
     """The command line's overrides for every stage: --max_steps, --per_device_train_batch_size,
     --gradient_accumulation_steps (an explicit accumulation wins over the one derived from the global batch)."""
@@ -197,7 +207,8 @@ def run(a) -> dict:
     samples = ([] if lazy else read_llava_json(a.data, a.image_root, multi_turn=a.multi_turn, skipped=skipped) if a.data
                else make_split(a.data_seed, "train", a.n or preset.n_train))
     teacher, cache = None, None
-    if a.cache:  # looked up by sample id: any order or subset of the cached samples trains
+    distils = any(int(x) in (1, 2) for x in a.stages.split(","))
+    if a.cache and distils:  # looked up by sample id: any order or subset of the cached samples trains
         cache = TeacherCache(a.cache)
         if lazy:
             check_shares_samples(cache, a, backend.acc)
@@ -211,6 +222,8 @@ def run(a) -> dict:
                             + (f" (the build skipped it: {cache.skipped[s.id]})" if s.id in cache.skipped else "")})
         samples = [s for s in samples if s.id in cache]
         head, d_l = cache.head().to(backend.acc.device), cache.meta["d_l"]
+    elif not distils:  # stage 3 alone: no teacher, no teacher side rendered; the Recalibrator is only carried along
+        head, d_l = None, teacher_width(a, preset)
     else:  # the teacher first: under ZeRO-3 its DeepSpeed config must be alive before its from_pretrained
         teacher, head = backend.place_teacher(teacher_loader(preset, a.tiny_random), preset.max_length)
         d_l = head.weight.shape[1]  # the replicated head: a ZeRO-3 teacher parameter has shape (0,)
