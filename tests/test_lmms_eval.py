@@ -6,7 +6,6 @@ for the shipped teacher saved as a plain directory (Llava, a real accuracy)."""
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

@@ -946,13 +946,18 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _by_pair(items: list[dict]) -> dict[tuple[str, str], dict]:
+    """Comparisons or fractions of the analysis, keyed by their (a, b) rows."""
+    return {(x["a"], x["b"]): x for x in items}
+
+
 def write_plot(result: dict, out: Path) -> str:
     os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigenrecal-mpl"))
     import matplotlib  # heavy: only the plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: only the plots need it
     plan = result["plan"]
-    comps = {(c["a"], c["b"]): c for c in result["analysis"]["comparisons"]}
+    comps = _by_pair(result["analysis"]["comparisons"])
     series = [("logit KD - its SFT control (positive control)", "same_tokenizer_kd", "same_arch_sft", "tab:green"),
               ("GenRecal - SFT", "genrecal", "sft", "tab:orange"),
               ("GenRecal after stage 2 - SFT", "genrecal_after_stage2", "sft", "tab:red"),
@@ -1141,7 +1146,7 @@ def plot_diagnosis(result: dict):
 
 def headline_lines(result: dict) -> list[str]:
     """The compact table the top-level README carries: each regime's gains, points with 95% intervals."""
-    comps = {(c["a"], c["b"]): c for c in result["analysis"]["comparisons"]}
+    comps = _by_pair(result["analysis"]["comparisons"])
     cell = lambda c: "n/a" if c is None else f"{_pts(c['diff'])} [{_pts(c['ci95'][0])}, {_pts(c['ci95'][1])}]"
     regimes = sorted({c["b"].split("|")[0] for c in comps.values()}, key=lambda r: (r == "posterior", r))
     rows = []
@@ -1242,7 +1247,7 @@ def ablation_lines(result: dict) -> list[str]:
     """The paper's ablations: each minus the full method after stage 2 and after stage 3 (points, 95% crossed
     intervals), the MDE and verdict of the after-stage-3 gap, ECE beside the method's, and the paper's own gap."""
     an, plan = result["analysis"], result["plan"]
-    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
+    comps = _by_pair(an["comparisons"])
     summ = an["summary"]
     rows = []
     for regime in (f"noise{plan.get('ablation_rho', 0.5):g}", "noise0"):
@@ -1276,8 +1281,8 @@ def variant_lines(result: dict) -> list[str]:
     after stage 2's, minus the method on that student, and the fraction of logit KD's gain it recovers."""
     an, plan = result["analysis"], result["plan"]
     r = f"noise{plan['headline_rho']:g}"
-    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
-    fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
+    comps = _by_pair(an["comparisons"])
+    fr = _by_pair(an.get("fractions", []))
     rows = []
     for v in TRANSFER_VARIANTS:
         c = comps.get((f"{r}|{v}", f"{r}|same_arch_sft"))
@@ -1304,8 +1309,8 @@ def gold_lines(result: dict) -> list[str]:
     and the fraction of logit KD's gain (on the same-tokenizer student) it recovers."""
     an, plan = result["analysis"], result["plan"]
     r = f"noise{plan['headline_rho']:g}"
-    comps = {(c["a"], c["b"]): c for c in an["comparisons"]}
-    fr = {(f["a"], f["b"]): f for f in an.get("fractions", [])}
+    comps = _by_pair(an["comparisons"])
+    fr = _by_pair(an.get("fractions", []))
     rows = []
     for g in GOLD_ROWS:
         c, s = comps.get((f"{r}|{g}", f"{r}|sft")), an["summary"].get(f"{r}|{g}")
