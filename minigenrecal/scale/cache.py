@@ -540,17 +540,7 @@ class _StreamRunner:
                     raise
                 order.append((p, sid, {"id": sid, "reason": str(e).removeprefix(f"sample {sid}: ").removeprefix(
                     f"sample {record.id}: ")}))  # a bad image's message names the record
-        dev = _device(self.teacher)
-        batch = {k: v.to(dev) for k, v in self.teacher.collate(encs or self._filler()).items()}
-        t = teacher_forward(self.teacher, batch, self.answer_input)
-        rows = _rows(t, self.dt, self.answer_input) if encs else []
-        for p, sid, what in order:
-            if p < writer.resume_at:
-                continue  # written before an interruption; its batch is recomputed only for the same padding
-            if isinstance(what, dict):
-                writer.skip(what)
-            else:
-                writer.add(p, sid, _stored(rows[what], p, self.store, self.reg_every))
+        _forward_and_write(self, encs or self._filler(), order, writer)
 
 
 class _BatchRunner:
@@ -565,26 +555,33 @@ class _BatchRunner:
 
     def __call__(self, j: int | None, writer: _ShardWriter) -> None:
         positions = range(j * self.B, min((j + 1) * self.B, len(self.samples))) if j is not None else range(0)
-        encs, order = [], []  # order: (input position, index into encs or a skip record)
+        encs, order = [], []  # order: (input position, sample id, index into encs or a skip record)
         for p in positions:
+            sid = self.samples[p].id
             try:
                 encs.append(self.teacher.encode(self.samples[p]))
-                order.append((p, len(encs) - 1))
+                order.append((p, sid, len(encs) - 1))
             except SampleError as e:
                 if not self.skip_bad:
                     raise
-                order.append((p, skip_entry(self.samples[p].id, e)))
-        dev = _device(self.teacher)
-        batch = {k: v.to(dev) for k, v in self.teacher.collate(encs or self.filler.get()).items()}
-        t = teacher_forward(self.teacher, batch, self.answer_input)
-        rows = _rows(t, self.dt, self.answer_input) if encs else []
-        for p, what in order:
-            if p < writer.resume_at:
-                continue  # written before an interruption; its batch is recomputed only for the same padding
-            if isinstance(what, dict):
-                writer.skip(what)
-            else:
-                writer.add(p, self.samples[p].id, _stored(rows[what], p, self.store, self.reg_every))
+                order.append((p, sid, skip_entry(sid, e)))
+        _forward_and_write(self, encs or self.filler.get(), order, writer)
+
+
+def _forward_and_write(run, encs: list, order: list[tuple], writer: _ShardWriter) -> None:
+    """The teacher's forward on `encs` (the filler where a batch has none to cache), then each (input position,
+    sample id, index into encs or a skip record) of `order` to `writer`, in input order; `run` is a batch runner
+    (its teacher, stored dtype, answer input and storage mode)."""
+    dev = _device(run.teacher)
+    t = teacher_forward(run.teacher, {k: v.to(dev) for k, v in run.teacher.collate(encs).items()}, run.answer_input)
+    rows = _rows(t, run.dt, run.answer_input)  # a filler's rows are never read
+    for p, sid, what in order:
+        if p < writer.resume_at:
+            continue  # written before an interruption; its batch is recomputed only for the same padding
+        if isinstance(what, dict):
+            writer.skip(what)
+        else:
+            writer.add(p, sid, _stored(rows[what], p, run.store, run.reg_every))
 
 
 def _write_head(out: Path, head: nn.Linear) -> None:
